@@ -1,0 +1,183 @@
+"""I-JEPA configuration: the encoder fields of transformers' built-in `IJepaConfig`, plus predictor and masking fields."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+from transformers.models.ijepa.configuration_ijepa import IJepaConfig as _TransformersIJepaConfig
+
+
+def _pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ValueError(f"Expected an int or a (height, width) pair, got {value!r}.")
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
+
+
+def configuration_dir() -> Path:
+    """Folder holding `models/`, `recipes/` and `accelerate/`: the checkout's `configuration/` or the installed copy."""
+    checkout = Path(__file__).resolve().parent.parent / "configuration"
+    if (checkout / "models").is_dir():
+        return checkout
+    return Path(str(resources.files("modeling_ijepa._configuration")))
+
+
+def list_presets() -> list[str]:
+    """Names accepted by [`IJepaConfig.from_preset`], e.g. `"vit_huge_patch14_224"`."""
+    return sorted(path.stem for path in (configuration_dir() / "models").glob("*.json"))
+
+
+class IJepaConfig(_TransformersIJepaConfig):
+    r"""
+    Configuration of an I-JEPA model: the ViT encoder (every field of transformers' built-in `IJepaConfig`, same names
+    and meaning), the narrow predictor ViT and the multi-block mask settings of the paper.
+
+    The `model_type` is the built-in `"ijepa"`, so encoder checkpoints saved with this class load in vanilla
+    `transformers.IJepaModel` / `AutoModel`, and the extra fields below are ignored there. Importing `modeling_ijepa`
+    routes `"ijepa"` to this package's classes (see `modeling_ijepa/__init__.py`).
+
+    Args:
+        hidden_size (`int`, *optional*, defaults to 768): width of the encoder.
+        num_hidden_layers (`int`, *optional*, defaults to 12): depth of the encoder.
+        num_attention_heads (`int`, *optional*, defaults to 12): attention heads of the encoder; must divide `hidden_size`.
+        intermediate_size (`int`, *optional*, defaults to 3072): hidden width of the encoder MLPs.
+        layer_norm_eps (`float`, *optional*, defaults to 1e-6): LayerNorm epsilon (I-JEPA uses 1e-6).
+        image_size (`int` or `(height, width)`, *optional*, defaults to 224): input resolution; divisible by `patch_size`.
+        patch_size (`int` or `(height, width)`, *optional*, defaults to 16): patch size of the patch embedding.
+        predictor_hidden_size (`int`, *optional*, defaults to 384): width of the predictor.
+        predictor_num_hidden_layers (`int`, *optional*, defaults to 12): depth of the predictor.
+        predictor_num_attention_heads (`int`, *optional*): heads of the predictor; defaults to `num_attention_heads`.
+        predictor_intermediate_size (`int`, *optional*): predictor MLP width; defaults to `4 * predictor_hidden_size`.
+        num_target_blocks (`int`, *optional*, defaults to 4): target blocks sampled per image.
+        target_scale (`(float, float)`, *optional*, defaults to `(0.15, 0.2)`): range of a target block's area, as a
+            fraction of the patch grid.
+        target_aspect_ratio (`(float, float)`, *optional*, defaults to `(0.75, 1.5)`): range of a target block's
+            height / width ratio.
+        context_scale (`(float, float)`, *optional*, defaults to `(0.85, 1.0)`): range of the context block's area.
+        context_aspect_ratio (`(float, float)`, *optional*, defaults to `(1.0, 1.0)`): context block aspect range.
+        min_context_patches (`int`, *optional*, defaults to 10): a context must keep more patches than this after the
+            target patches are removed (the official `min_keep`).
+        allow_overlap (`bool`, *optional*, defaults to `False`): keep target patches in the context (off in I-JEPA).
+        ema_momentum_start / ema_momentum_end (`float`, *optional*, defaults to 0.996 / 1.0): target-encoder EMA
+            momentum, linear over training.
+
+    Example:
+
+    ```python
+    >>> from modeling_ijepa import IJepaConfig, IJepaForPreTraining
+    >>> config = IJepaConfig.from_preset("vit_small_patch16_224")
+    >>> model = IJepaForPreTraining(config)
+    ```
+    """
+
+    model_type = "ijepa"
+
+    layer_norm_eps: float = 1e-6
+    predictor_hidden_size: int = 384
+    predictor_num_hidden_layers: int = 12
+    predictor_num_attention_heads: int | None = None
+    predictor_intermediate_size: int | None = None
+    num_target_blocks: int = 4
+    target_scale: list[float] | tuple[float, float] = (0.15, 0.2)
+    target_aspect_ratio: list[float] | tuple[float, float] = (0.75, 1.5)
+    context_scale: list[float] | tuple[float, float] = (0.85, 1.0)
+    context_aspect_ratio: list[float] | tuple[float, float] = (1.0, 1.0)
+    min_context_patches: int = 10
+    allow_overlap: bool = False
+    ema_momentum_start: float = 0.996
+    ema_momentum_end: float = 1.0
+
+    def __post_init__(self, **kwargs):
+        if self.predictor_num_attention_heads is None:
+            self.predictor_num_attention_heads = self.num_attention_heads
+        if self.predictor_intermediate_size is None:
+            self.predictor_intermediate_size = 4 * self.predictor_hidden_size
+        for name in ("target_scale", "target_aspect_ratio", "context_scale", "context_aspect_ratio"):
+            setattr(self, name, [float(v) for v in getattr(self, name)])
+        super().__post_init__(**kwargs)
+        self._validate_ijepa()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patch grid `(rows, columns)`."""
+        image_height, image_width = _pair(self.image_size)
+        patch_height, patch_width = _pair(self.patch_size)
+        return image_height // patch_height, image_width // patch_width
+
+    @property
+    def num_patches(self) -> int:
+        rows, columns = self.grid_size
+        return rows * columns
+
+    def _validate_ijepa(self) -> None:
+        image_height, image_width = _pair(self.image_size)
+        patch_height, patch_width = _pair(self.patch_size)
+        if image_height % patch_height or image_width % patch_width:
+            raise ValueError(
+                f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}: choose an image size "
+                f"that is a multiple of the patch size (e.g. {image_height // patch_height * patch_height})."
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} does not divide hidden_size={self.hidden_size}: pick "
+                "a head count that divides the width (e.g. hidden_size // 64)."
+            )
+        if self.predictor_hidden_size % self.predictor_num_attention_heads:
+            raise ValueError(
+                f"predictor_num_attention_heads={self.predictor_num_attention_heads} does not divide "
+                f"predictor_hidden_size={self.predictor_hidden_size}: set predictor_num_attention_heads to a divisor "
+                "of the predictor width."
+            )
+        for name in ("target_scale", "context_scale"):
+            low, high = self._range(name)
+            if not 0.0 < low <= high <= 1.0:
+                raise ValueError(
+                    f"{name}={[low, high]} is not a valid area range: it must satisfy 0 < min <= max <= 1 "
+                    "(fractions of the patch grid)."
+                )
+        for name in ("target_aspect_ratio", "context_aspect_ratio"):
+            low, high = self._range(name)
+            if not 0.0 < low <= high:
+                raise ValueError(f"{name}={[low, high]} is not a valid aspect range: it must satisfy 0 < min <= max.")
+        if self.num_target_blocks < 1:
+            raise ValueError(f"num_target_blocks={self.num_target_blocks}: I-JEPA needs at least one target block.")
+        if self.min_context_patches < 0:
+            raise ValueError(f"min_context_patches={self.min_context_patches} must be >= 0.")
+        largest_context = int(self.num_patches * self._range("context_scale")[1])
+        if self.min_context_patches >= min(largest_context, self.num_patches):
+            raise ValueError(
+                f"min_context_patches={self.min_context_patches} cannot be met on a {self.grid_size[0]}x"
+                f"{self.grid_size[1]} patch grid whose largest context block has {largest_context} patches: lower "
+                "min_context_patches or use a larger image / smaller patch size."
+            )
+
+    def _range(self, name: str) -> tuple[float, float]:
+        value = getattr(self, name)
+        if len(value) != 2:
+            raise ValueError(f"{name} must be a (min, max) pair, got {value!r}.")
+        return float(value[0]), float(value[1])
+
+    # ----------------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "IJepaConfig":
+        """
+        Build a configuration from a preset in `configuration/models/` (see [`list_presets`]), e.g.
+        `IJepaConfig.from_preset("vit_huge_patch14_224", predictor_num_hidden_layers=6)`.
+        """
+        path = configuration_dir() / "models" / f"{name}.json"
+        if not path.is_file():
+            raise ValueError(f"Unknown preset {name!r}. Available presets: {', '.join(list_presets())}.")
+        values = json.loads(path.read_text())
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def predictor_head_dim(self) -> int:
+        return self.predictor_hidden_size // self.predictor_num_attention_heads
+
+
+__all__ = ["IJepaConfig", "configuration_dir", "list_presets"]

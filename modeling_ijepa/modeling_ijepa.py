@@ -1,0 +1,493 @@
+"""PyTorch I-JEPA: context/target ViT encoder with token dropping, narrow predictor, pre-training and classification heads.
+
+The encoder's parameter names are those of transformers' built-in `IJepaModel`, so checkpoints move both ways between
+this package and vanilla transformers. Its patch/position embedding module is the built-in one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_utils import PreTrainedModel
+from transformers.models.ijepa.modeling_ijepa import IJepaEmbeddings
+from transformers.utils import ModelOutput
+
+from .configuration_ijepa import IJepaConfig
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: tuple[int, int]) -> torch.Tensor:
+    """
+    Fixed 2-D sine-cosine position embedding of I-JEPA (MAE style, no CLS token).
+
+    The first half of the channels encodes the column index, the second half the row index, each as
+    `[sin(pos * omega), cos(pos * omega)]` with `omega = 1 / 10000 ** (arange(d/4) / (d/4))`.
+
+    Returns:
+        `torch.FloatTensor` of shape `(rows * columns, embed_dim)`, patches in row-major order.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"The sin-cos position embedding needs a width divisible by 4, got {embed_dim}.")
+    rows, columns = grid_size
+    row_index, column_index = np.meshgrid(np.arange(rows, dtype=np.float64), np.arange(columns, dtype=np.float64), indexing="ij")
+
+    def encode_1d(positions: np.ndarray) -> np.ndarray:
+        omega = np.arange(embed_dim // 4, dtype=np.float64) / (embed_dim / 4.0)
+        omega = 1.0 / 10000**omega
+        angles = np.outer(positions.reshape(-1), omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    embedding = np.concatenate([encode_1d(column_index), encode_1d(row_index)], axis=1)
+    return torch.from_numpy(embedding).float()
+
+
+def gather_tokens(hidden_states: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """
+    Select tokens per sample.
+
+    Args:
+        hidden_states: `(batch_size, sequence_length, hidden_size)`.
+        indices: `(batch_size, num_selected)` LongTensor of positions in `[0, sequence_length)`.
+
+    Returns:
+        `(batch_size, num_selected, hidden_size)`.
+    """
+    return torch.gather(hidden_states, 1, indices.unsqueeze(-1).expand(-1, -1, hidden_states.size(-1)))
+
+
+def _check_indices(name: str, indices: torch.Tensor, batch_size: int, num_patches: int, ndim: int) -> None:
+    if indices.dtype not in (torch.int64, torch.int32) or indices.dim() != ndim or indices.size(0) != batch_size:
+        expected = "(batch_size, num_context)" if ndim == 2 else "(batch_size, num_target_blocks, num_target)"
+        raise ValueError(
+            f"{name} must be an integer tensor of shape {expected} with batch_size={batch_size}, got dtype "
+            f"{indices.dtype} and shape {tuple(indices.shape)}. Build it with IJepaMaskCollator."
+        )
+    # A range check costs a device sync on accelerators, where an out-of-range gather fails loudly anyway.
+    if indices.device.type == "cpu" and indices.numel() and (indices.min() < 0 or indices.max() >= num_patches):
+        raise ValueError(
+            f"{name} holds patch indices outside [0, {num_patches}) for this image size: indices refer to the "
+            "flattened patch grid of the input image."
+        )
+
+
+class IJepaSelfAttention(nn.Module):
+    """
+    Multi-head self-attention with separate q/k/v projections (the built-in IJepa parameter names).
+
+    The implementation follows `config._attn_implementation`: `"sdpa"` uses
+    `torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU), `"eager"` the
+    explicit softmax, which is also used whenever attention weights are requested.
+    """
+
+    def __init__(self, config: IJepaConfig, hidden_size: int, num_attention_heads: int):
+        super().__init__()
+        self.config = config
+        self.num_attention_heads = num_attention_heads
+        self.head_dim = hidden_size // num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`hidden_states`: `(batch_size, sequence_length, hidden_size)`; returns the same shape and, if asked,
+        attention weights `(batch_size, num_heads, sequence_length, sequence_length)`."""
+        batch_size, sequence_length, _ = hidden_states.shape
+        head_shape = (batch_size, sequence_length, self.num_attention_heads, self.head_dim)
+        query = self.q_proj(hidden_states).view(head_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(head_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(head_shape).transpose(1, 2)
+        dropout = self.config.attention_probs_dropout_prob if self.training else 0.0
+
+        attention_weights = None
+        if output_attentions or self.config._attn_implementation == "eager":
+            scores = torch.matmul(query, key.transpose(-2, -1)) * self.scaling
+            attention_weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+            context = torch.matmul(F.dropout(attention_weights, p=dropout, training=self.training), value)
+        else:
+            context = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=self.scaling)
+
+        context = context.transpose(1, 2).reshape(batch_size, sequence_length, -1)
+        return self.o_proj(context), attention_weights
+
+
+class IJepaMLP(nn.Module):
+    def __init__(self, config: IJepaConfig, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+class IJepaLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer block. `layer_index` (0-based) sets the depth-scaled init of the residual projections."""
+
+    def __init__(self, config: IJepaConfig, hidden_size: int, num_attention_heads: int, intermediate_size: int, layer_index: int):
+        super().__init__()
+        self.layernorm_before = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.attention = IJepaSelfAttention(config, hidden_size, num_attention_heads)
+        self.layernorm_after = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.mlp = IJepaMLP(config, hidden_size, intermediate_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        # I-JEPA divides the residual-branch output weights of block i (1-based) by sqrt(2 * i) at init.
+        depth_scale = 1.0 / math.sqrt(2.0 * (layer_index + 1))
+        self.attention.o_proj._ijepa_init_scale = depth_scale
+        self.mlp.fc2._ijepa_init_scale = depth_scale
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attention_output, attention_weights = self.attention(self.layernorm_before(hidden_states), output_attentions)
+        hidden_states = hidden_states + self.dropout(attention_output)
+        hidden_states = hidden_states + self.dropout(self.mlp(self.layernorm_after(hidden_states)))
+        return hidden_states, attention_weights
+
+
+def _run_layers(
+    layers: nn.ModuleList, hidden_states: torch.Tensor, output_hidden_states: bool, output_attentions: bool
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+    all_hidden_states = (hidden_states,) if output_hidden_states else None
+    all_attentions = () if output_attentions else None
+    for layer in layers:
+        hidden_states, attention_weights = layer(hidden_states, output_attentions)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        if output_attentions:
+            all_attentions += (attention_weights,)
+    return hidden_states, all_hidden_states, all_attentions
+
+
+class IJepaPreTrainedModel(PreTrainedModel):
+    config_class = IJepaConfig
+    config: IJepaConfig
+    base_model_prefix = "ijepa"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["IJepaEmbeddings", "IJepaLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Truncated-normal init (std `initializer_range`, depth-scaled on residual outputs), fixed sin-cos positions."""
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            std = self.config.initializer_range * getattr(module, "_ijepa_init_scale", 1.0)
+            init.trunc_normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, IJepaEmbeddings):
+            grid = module.position_embeddings.shape[1]
+            init.copy_(module.position_embeddings, get_2d_sincos_pos_embed(module.position_embeddings.shape[-1], self.config.grid_size).view(1, grid, -1))
+        elif isinstance(module, IJepaPredictor):
+            init.trunc_normal_(module.mask_token, mean=0.0, std=self.config.initializer_range)
+            pos = get_2d_sincos_pos_embed(self.config.predictor_hidden_size, self.config.grid_size)
+            init.copy_(module.position_embeddings, pos.unsqueeze(0))
+
+
+class IJepaModel(IJepaPreTrainedModel):
+    """
+    The I-JEPA ViT encoder (no CLS token, fixed sin-cos positions, final LayerNorm). Used as context encoder, target
+    encoder and downstream backbone. Parameter names match transformers' built-in `IJepaModel`.
+    """
+
+    def __init__(self, config: IJepaConfig):
+        super().__init__(config)
+        self.embeddings = IJepaEmbeddings(config)
+        self.embeddings.position_embeddings.requires_grad_(False)
+        self.layers = nn.ModuleList(
+            IJepaLayer(config, config.hidden_size, config.num_attention_heads, config.intermediate_size, index)
+            for index in range(config.num_hidden_layers)
+        )
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embeddings
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        context_indices: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """
+        Args:
+            pixel_values: `(batch_size, num_channels, height, width)`.
+            context_indices: optional `(batch_size, num_context)` LongTensor of flattened patch indices. Only these
+                tokens (after the position embedding is added) go through the transformer: the others are dropped.
+            output_hidden_states / output_attentions: also return every layer's input/outputs / attention weights
+                (`(batch_size, num_heads, seq, seq)`, computed eagerly).
+            interpolate_pos_encoding: bicubically resize the position embedding for another input resolution.
+
+        Returns:
+            [`BaseModelOutputWithPooling`] with `last_hidden_state` `(batch_size, num_tokens, hidden_size)` (after the
+            final LayerNorm) and `pooler_output` `(batch_size, hidden_size)`, the mean over output tokens.
+        """
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if pixel_values is None:
+            raise ValueError("IJepaModel needs `pixel_values` of shape (batch_size, num_channels, height, width).")
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must be (batch_size, num_channels, height, width), got shape {tuple(pixel_values.shape)}.")
+        expected_dtype = self.embeddings.patch_embeddings.projection.weight.dtype
+        if pixel_values.dtype != expected_dtype:
+            pixel_values = pixel_values.to(expected_dtype)
+        height, width = pixel_values.shape[-2:]
+        patch_height, patch_width = self.embeddings.patch_embeddings.patch_size
+        if height % patch_height or width % patch_width:
+            raise ValueError(
+                f"Input images of {height}x{width} pixels are not divisible by the patch size "
+                f"{patch_height}x{patch_width}: resize or crop them to a multiple of the patch size "
+                f"(the model was configured for {self.config.image_size})."
+            )
+
+        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
+        if context_indices is not None:
+            _check_indices("context_indices", context_indices, hidden_states.size(0), hidden_states.size(1), ndim=2)
+            hidden_states = gather_tokens(hidden_states, context_indices)
+
+        hidden_states, all_hidden_states, all_attentions = _run_layers(
+            self.layers, hidden_states, output_hidden_states, output_attentions
+        )
+        sequence_output = self.layernorm(hidden_states)
+        pooled_output = sequence_output.mean(dim=1)
+
+        if not return_dict:
+            return tuple(v for v in (sequence_output, pooled_output, all_hidden_states, all_attentions) if v is not None)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=sequence_output,
+            pooler_output=pooled_output,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+        )
+
+
+class IJepaPredictor(nn.Module):
+    """
+    The narrow I-JEPA predictor ViT.
+
+    Context features are projected to the predictor width and given their predictor position embedding; for each
+    target block, learned mask tokens carrying the position embedding of the block's patches are appended, the
+    sequence goes through the predictor blocks, and the outputs at the mask tokens are projected back to the encoder
+    width. Each target block is predicted from the context independently (the batch is repeated per block).
+    """
+
+    def __init__(self, config: IJepaConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = nn.Linear(config.hidden_size, config.predictor_hidden_size)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.predictor_hidden_size))
+        self.position_embeddings = nn.Parameter(
+            torch.zeros(1, config.num_patches, config.predictor_hidden_size), requires_grad=False
+        )
+        self.layers = nn.ModuleList(
+            IJepaLayer(
+                config,
+                config.predictor_hidden_size,
+                config.predictor_num_attention_heads,
+                config.predictor_intermediate_size,
+                index,
+            )
+            for index in range(config.predictor_num_hidden_layers)
+        )
+        self.layernorm = nn.LayerNorm(config.predictor_hidden_size, eps=config.layer_norm_eps)
+        self.projection = nn.Linear(config.predictor_hidden_size, config.hidden_size)
+
+    def forward(
+        self, context_hidden_states: torch.Tensor, context_indices: torch.LongTensor, target_indices: torch.LongTensor
+    ) -> torch.Tensor:
+        """
+        Args:
+            context_hidden_states: `(batch_size, num_context, hidden_size)`, the context encoder output.
+            context_indices: `(batch_size, num_context)`.
+            target_indices: `(batch_size, num_target_blocks, num_target)`.
+
+        Returns:
+            Predictions `(batch_size, num_target_blocks, num_target, hidden_size)`.
+        """
+        batch_size, num_blocks, num_target = target_indices.shape
+        num_context = context_indices.size(1)
+        position_embeddings = self.position_embeddings.expand(batch_size, -1, -1)
+
+        context = self.embeddings(context_hidden_states) + gather_tokens(position_embeddings, context_indices)
+        # (batch, blocks, context + target, width) -> (batch * blocks, ...): every block sees its own copy of the context.
+        context = context.unsqueeze(1).expand(-1, num_blocks, -1, -1)
+        targets = gather_tokens(position_embeddings, target_indices.reshape(batch_size, num_blocks * num_target))
+        targets = (targets + self.mask_token).view(batch_size, num_blocks, num_target, -1)
+        hidden_states = torch.cat([context, targets], dim=2).flatten(0, 1)
+
+        hidden_states, _, _ = _run_layers(self.layers, hidden_states, False, False)
+        predictions = self.projection(self.layernorm(hidden_states[:, num_context:]))
+        return predictions.view(batch_size, num_blocks, num_target, -1)
+
+
+@dataclass
+class IJepaForPreTrainingOutput(ModelOutput):
+    """
+    Output of [`IJepaForPreTraining`].
+
+    Args:
+        loss: scalar smooth-L1 loss between predictions and targets.
+        predictions: `(batch_size, num_target_blocks, num_target, hidden_size)` predictor outputs.
+        targets: same shape; layer-normed (no affine) target-encoder features gathered at the target patches.
+        context_hidden_state: `(batch_size, num_context, hidden_size)` context-encoder output.
+        target_pooler_output: `(batch_size, hidden_size)` mean of the target-encoder output over all patches (the
+            features used downstream; handy for collapse monitors).
+    """
+
+    loss: torch.FloatTensor | None = None
+    predictions: torch.FloatTensor | None = None
+    targets: torch.FloatTensor | None = None
+    context_hidden_state: torch.FloatTensor | None = None
+    target_pooler_output: torch.FloatTensor | None = None
+
+
+class IJepaForPreTraining(IJepaPreTrainedModel):
+    """
+    I-JEPA pre-training: context encoder + predictor, and an EMA target encoder whose parameters never get gradients.
+
+    `forward(pixel_values, context_indices, target_indices)` returns the smooth-L1 loss between the predictor output
+    and the layer-normed target-encoder features at the target patches. Call [`update_target_encoder`] after each
+    optimiser step.
+    """
+
+    def __init__(self, config: IJepaConfig):
+        super().__init__(config)
+        self.encoder = IJepaModel(config)
+        self.predictor = IJepaPredictor(config)
+        self.target_encoder = IJepaModel(config)
+        self.target_encoder.requires_grad_(False)
+        self.post_init()
+        self.target_encoder.load_state_dict(self.encoder.state_dict())
+
+    def get_encoder(self) -> IJepaModel:
+        """The encoder to use downstream: the EMA target encoder, as the authors released it."""
+        return self.target_encoder
+
+    def train(self, mode: bool = True) -> "IJepaForPreTraining":
+        super().train(mode)
+        self.target_encoder.eval()  # no dropout on targets, as in the authors' code
+        return self
+
+    @torch.no_grad()
+    def update_target_encoder(self, momentum: float) -> None:
+        """EMA step `target = momentum * target + (1 - momentum) * encoder` over all parameters (foreach kernels)."""
+        target_params = [p.data for p in self.target_encoder.parameters()]
+        online_params = [p.data for p in self.encoder.parameters()]
+        torch._foreach_mul_(target_params, momentum)
+        torch._foreach_add_(target_params, online_params, alpha=1.0 - momentum)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        context_indices: torch.LongTensor,
+        target_indices: torch.LongTensor,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> IJepaForPreTrainingOutput | tuple:
+        """
+        Args:
+            pixel_values: `(batch_size, num_channels, height, width)`.
+            context_indices: `(batch_size, num_context)` flattened patch indices of the context.
+            target_indices: `(batch_size, num_target_blocks, num_target)` flattened patch indices of each target block.
+        """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if context_indices is None or target_indices is None:
+            raise ValueError(
+                "IJepaForPreTraining needs `context_indices` and `target_indices`: batch your images with "
+                "IJepaMaskCollator, which samples the I-JEPA context and target blocks."
+            )
+        batch_size = pixel_values.size(0)
+        num_patches = self.encoder.embeddings.position_embeddings.size(1)
+        _check_indices("target_indices", target_indices, batch_size, num_patches, ndim=3)
+
+        with torch.no_grad():
+            target_output = self.target_encoder(pixel_values).last_hidden_state
+            target_features = F.layer_norm(target_output, (target_output.size(-1),))
+            num_blocks, num_target = target_indices.shape[1:]
+            targets = gather_tokens(target_features, target_indices.reshape(batch_size, -1))
+            targets = targets.view(batch_size, num_blocks, num_target, -1)
+
+        context_hidden_state = self.encoder(pixel_values, context_indices=context_indices).last_hidden_state
+        predictions = self.predictor(context_hidden_state, context_indices, target_indices)
+        loss = F.smooth_l1_loss(predictions.float(), targets.float())
+
+        output = IJepaForPreTrainingOutput(
+            loss=loss,
+            predictions=predictions,
+            targets=targets,
+            context_hidden_state=context_hidden_state,
+            target_pooler_output=target_output.mean(dim=1),
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class IJepaForImageClassification(IJepaPreTrainedModel):
+    """
+    I-JEPA encoder with a linear head on the average-pooled patch features (same layout as transformers' built-in
+    `IJepaForImageClassification`). `labels` `(batch_size,)` give a cross-entropy loss (or MSE for one label).
+    """
+
+    def __init__(self, config: IJepaConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.ijepa = IJepaModel(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        """`pixel_values` `(batch_size, num_channels, height, width)`; returns logits `(batch_size, num_labels)`."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.ijepa(
+            pixel_values,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            return_dict=True,
+        )
+        logits = self.classifier(outputs.pooler_output)
+        loss = self.loss_function(labels, logits, self.config) if labels is not None else None
+        output = ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = [
+    "IJepaPreTrainedModel",
+    "IJepaModel",
+    "IJepaPredictor",
+    "IJepaForPreTraining",
+    "IJepaForPreTrainingOutput",
+    "IJepaForImageClassification",
+    "get_2d_sincos_pos_embed",
+    "gather_tokens",
+]
