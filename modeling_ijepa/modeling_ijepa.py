@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import PreTrainedModel
@@ -169,6 +170,29 @@ def _run_layers(
     return hidden_states, all_hidden_states, all_attentions
 
 
+_CONFIG_DOWNLOAD_KWARGS = (
+    "cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "subfolder"
+)
+
+
+def _checkpoint_config(pretrained_model_name_or_path, kwargs: dict) -> dict | PreTrainedConfig | None:
+    """The configuration `from_pretrained` will use: the `config` passed in, else the checkpoint's raw config dict."""
+    config = kwargs.get("config")
+    if isinstance(config, PreTrainedConfig):
+        return config
+    if pretrained_model_name_or_path is None:
+        return None
+    download_kwargs = {name: kwargs[name] for name in _CONFIG_DOWNLOAD_KWARGS if name in kwargs}
+    config_dict, _ = PreTrainedConfig.get_config_dict(config or pretrained_model_name_or_path, **download_kwargs)
+    return config_dict
+
+
+def _is_pretraining_checkpoint(pretrained_model_name_or_path, kwargs: dict) -> bool:
+    config = _checkpoint_config(pretrained_model_name_or_path, kwargs)
+    architectures = config.get("architectures") if isinstance(config, dict) else getattr(config, "architectures", None)
+    return "IJepaForPreTraining" in (architectures or [])
+
+
 class IJepaPreTrainedModel(PreTrainedModel):
     config_class = IJepaConfig
     config: IJepaConfig
@@ -178,6 +202,37 @@ class IJepaPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["IJepaEmbeddings", "IJepaLayer"]
     _supports_sdpa = True
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers' source heuristic looks for its attention-interface registry; our attention reads
+        # `config._attn_implementation` at every call, so `set_attn_implementation` can switch it safely.
+        return True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """
+        [`~transformers.PreTrainedModel.from_pretrained`], refusing checkpoints of another architecture: their weight
+        names partly overlap ours (e.g. a ViT's), so transformers would otherwise load them half-initialised.
+        """
+        config = _checkpoint_config(pretrained_model_name_or_path, kwargs)
+        if isinstance(config, dict) and config.get("model_type", IJepaConfig.model_type) != IJepaConfig.model_type:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a {config['model_type']!r} checkpoint "
+                f"(architectures {config.get('architectures')}), not an I-JEPA ('ijepa') one: load it with its own "
+                f"class (e.g. transformers.AutoModel) instead of {cls.__name__}, or convert official I-JEPA weights "
+                "with modeling_ijepa.convert_official_checkpoint."
+            )
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        # Loading replaces every parameter by a new, trainable one: freeze the fixed ones again.
+        (loaded[0] if isinstance(loaded, tuple) else loaded)._freeze_fixed_parameters()
+        return loaded
+
+    def _freeze_fixed_parameters(self) -> None:
+        """The sin-cos position embeddings are fixed, never trained."""
+        for module in self.modules():
+            if isinstance(module, (IJepaEmbeddings, IJepaPredictor)):
+                module.position_embeddings.requires_grad_(False)
 
     def _init_weights(self, module: nn.Module) -> None:
         """Truncated-normal init (std `initializer_range`, depth-scaled on residual outputs), fixed sin-cos positions."""
@@ -217,6 +272,23 @@ class IJepaModel(IJepaPreTrainedModel):
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embeddings
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """
+        [`~transformers.PreTrainedModel.from_pretrained`]; given a saved [`IJepaForPreTraining`] (e.g. through
+        `AutoModel`), returns its EMA target encoder, the encoder I-JEPA uses downstream, rather than an encoder left
+        at random init because its weights are stored under the `target_encoder.` prefix.
+        """
+        if not _is_pretraining_checkpoint(pretrained_model_name_or_path, kwargs):
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        loaded = IJepaForPreTraining.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        pretraining_model, loading_info = loaded if kwargs.get("output_loading_info") else (loaded, None)
+        encoder = pretraining_model.get_encoder()
+        # Unfreeze the EMA copy like any loaded model; the sin-cos position embedding stays fixed.
+        encoder.requires_grad_(True)
+        encoder._freeze_fixed_parameters()
+        return (encoder, loading_info) if loading_info is not None else encoder
 
     def forward(
         self,
@@ -383,6 +455,11 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         """The encoder to use downstream: the EMA target encoder, as the authors released it."""
         return self.target_encoder
 
+    def _freeze_fixed_parameters(self) -> None:
+        """Fixed position embeddings, and the whole target encoder: it follows the encoder by EMA, not by gradients."""
+        super()._freeze_fixed_parameters()
+        self.target_encoder.requires_grad_(False)
+
     def train(self, mode: bool = True) -> "IJepaForPreTraining":
         super().train(mode)
         self.target_encoder.eval()  # no dropout on targets, as in the authors' code
@@ -453,6 +530,23 @@ class IJepaForImageClassification(IJepaPreTrainedModel):
         self.ijepa = IJepaModel(config)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """
+        [`~transformers.PreTrainedModel.from_pretrained`]; given a saved [`IJepaForPreTraining`], the backbone is its
+        EMA target encoder (see [`IJepaModel.from_pretrained`]) and the head is newly initialised.
+        """
+        if not _is_pretraining_checkpoint(pretrained_model_name_or_path, kwargs):
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        encoder, loading_info = IJepaModel.from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        model = cls(encoder.config).to(device=encoder.device, dtype=encoder.dtype).eval()
+        model.ijepa = encoder
+        loading_info["missing_keys"] |= {f"classifier.{name}" for name, _ in model.classifier.named_parameters()}
+        return (model, loading_info) if output_loading_info else model
 
     def forward(
         self,
