@@ -8,6 +8,8 @@ from pathlib import Path
 
 from transformers.models.ijepa.configuration_ijepa import IJepaConfig as _TransformersIJepaConfig
 
+from .masking import check_mask_settings
+
 
 def _pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
     if isinstance(value, (list, tuple)):
@@ -132,34 +134,15 @@ class IJepaConfig(_TransformersIJepaConfig):
                 f"predictor_hidden_size={self.predictor_hidden_size}: set predictor_num_attention_heads to a divisor "
                 "of the predictor width."
             )
-        for name in ("target_scale", "context_scale"):
-            low, high = self._range(name)
-            if not 0.0 < low <= high <= 1.0:
-                raise ValueError(
-                    f"{name}={[low, high]} is not a valid area range: it must satisfy 0 < min <= max <= 1 "
-                    "(fractions of the patch grid)."
-                )
-        for name in ("target_aspect_ratio", "context_aspect_ratio"):
-            low, high = self._range(name)
-            if not 0.0 < low <= high:
-                raise ValueError(f"{name}={[low, high]} is not a valid aspect range: it must satisfy 0 < min <= max.")
-        if self.num_target_blocks < 1:
-            raise ValueError(f"num_target_blocks={self.num_target_blocks}: I-JEPA needs at least one target block.")
-        if self.min_context_patches < 0:
-            raise ValueError(f"min_context_patches={self.min_context_patches} must be >= 0.")
-        largest_context = int(self.num_patches * self._range("context_scale")[1])
-        if self.min_context_patches >= min(largest_context, self.num_patches):
-            raise ValueError(
-                f"min_context_patches={self.min_context_patches} cannot be met on a {self.grid_size[0]}x"
-                f"{self.grid_size[1]} patch grid whose largest context block has {largest_context} patches: lower "
-                "min_context_patches or use a larger image / smaller patch size."
-            )
-
-    def _range(self, name: str) -> tuple[float, float]:
-        value = getattr(self, name)
-        if len(value) != 2:
-            raise ValueError(f"{name} must be a (min, max) pair, got {value!r}.")
-        return float(value[0]), float(value[1])
+        check_mask_settings(
+            self.grid_size,
+            self.num_target_blocks,
+            self.target_scale,
+            self.target_aspect_ratio,
+            self.context_scale,
+            self.context_aspect_ratio,
+            self.min_context_patches,
+        )
 
     # ----------------------------------------------------------------------------------------------------------------
     @classmethod
