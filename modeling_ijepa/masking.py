@@ -158,7 +158,8 @@ class IJepaMaskCollator:
         self._start_batch = int(batch_index)
         self._local_count = 0
 
-    def _next_generator(self) -> torch.Generator:
+    def next_generator(self) -> torch.Generator:
+        """The generator of the next batch, seeded by `(seed, global batch index)`; advances the batch counter."""
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         batch_index = self._start_batch + worker_id + num_workers * self._local_count
@@ -287,7 +288,7 @@ class IJepaMaskCollator:
         others = [{key: value for key, value in example.items() if key != "pixel_values"} for example in examples]
         batch = default_collate(others) if others[0] else {}
         batch["pixel_values"] = pixel_values
-        context_indices, target_indices = self.sample_masks(len(examples), self._next_generator())
+        context_indices, target_indices = self.sample_masks(len(examples), self.next_generator())
         batch["context_indices"] = context_indices
         batch["target_indices"] = target_indices
         return batch

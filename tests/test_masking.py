@@ -83,7 +83,7 @@ def test_area_statistics_follow_the_scale_ranges():
     collator = collator_for((16, 16), seed=0)
     target_fractions, context_sizes = [], []
     for _ in range(200):
-        generator = collator._next_generator()
+        generator = collator.next_generator()
         height, width = collator._sample_block_size(generator, collator.target_scale, collator.target_aspect_ratio)
         target_fractions.append(height * width / 256)
         height, width = collator._sample_block_size(generator, collator.context_scale, collator.context_aspect_ratio)

@@ -1,0 +1,385 @@
+"""Data for I-JEPA: one code path through `datasets` (hub streaming, local folders, the embedded digits default),
+robust image decoding, the random-resized-crop transform and the collators that feed the models.
+
+Decoding and cropping happen in the collator, inside DataLoader workers. The pre-training collator draws crops and
+masks from one generator seeded by `(seed, batch index)`, so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import socket
+import urllib.parse
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import default_collate
+from transformers import ViTImageProcessorPil
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from .masking import IJepaMaskCollator
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "jpeg", "png", "webp")
+LABEL_COLUMN_CANDIDATES = ("label", "labels", "cls", "class")
+DIGITS_TEST_SIZE = 597
+
+
+def default_image_processor(image_size: int = 224) -> ViTImageProcessorPil:
+    """Resize to `image_size` x `image_size`, rescale to [0, 1], normalise with the ImageNet mean/std."""
+    return ViTImageProcessorPil(
+        do_resize=True,
+        size={"height": image_size, "width": image_size},
+        resample=Image.BICUBIC,
+        image_mean=list(IMAGENET_DEFAULT_MEAN),
+        image_std=list(IMAGENET_DEFAULT_STD),
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Datasets
+# ------------------------------------------------------------------------------------------------------------------
+@lru_cache(maxsize=4)
+def load_digits_dataset(image_size: int = 48):
+    """
+    The embedded offline default: scikit-learn's bundled 8x8 digits (1797 real scans) as RGB images upscaled to
+    `image_size`, split into a fixed, stratified `train` (1200) and `test` (597) `datasets.DatasetDict` with columns
+    `image` and `label` (ClassLabel "0".."9").
+    """
+    import datasets
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    pixels = (digits.images / 16.0 * 255.0).round().astype(np.uint8)
+    images = [Image.fromarray(p, mode="L").resize((image_size, image_size), Image.BICUBIC).convert("RGB") for p in pixels]
+    train_index, test_index = train_test_split(
+        np.arange(len(images)), test_size=DIGITS_TEST_SIZE, random_state=0, stratify=digits.target
+    )
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(d) for d in range(10)])}
+    )
+
+    def split(indices):
+        return datasets.Dataset.from_dict(
+            {"image": [images[i] for i in indices], "label": [int(digits.target[i]) for i in indices]}, features=features
+        )
+
+    return datasets.DatasetDict({"train": split(sorted(train_index)), "test": split(sorted(test_index))})
+
+
+def hub_is_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub can be reached right now (offline mode, or a TCP connect within `timeout` s)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE"):
+        return False
+    endpoint = urllib.parse.urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _data_files(folder: Path) -> dict[str, list[str]] | None:
+    parquet = sorted(str(p) for p in folder.rglob("*.parquet"))
+    return {"train": parquet} if parquet else None
+
+
+def load_image_dataset(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_dir: str | None = None,
+    validation_dir: str | None = None,
+    split: str = "train",
+    streaming: bool = False,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    cache_dir: str | None = None,
+    image_size: int = 48,
+):
+    """
+    Load images through `datasets`, with columns renamed to `image` (left undecoded: the collators decode robustly)
+    and, when present, `label`.
+
+    Sources, in order: `dataset_name` (the hub, e.g. `"ILSVRC/imagenet-1k"`, optionally `streaming`); `train_dir` /
+    `validation_dir` (an imagefolder with class sub-folders, or parquet files); otherwise the embedded digits default
+    (`split` `"train"`, or `"test"` / `"validation"`).
+
+    Returns:
+        `datasets.Dataset`, or `datasets.IterableDataset` when `streaming`.
+    """
+    import datasets
+
+    if dataset_name and (train_dir or validation_dir):
+        raise ValueError("Pass either --dataset_name (hub) or --train_dir/--validation_dir (local files), not both.")
+    if dataset_name:
+        if not hub_is_reachable():
+            raise ConnectionError(
+                f"Cannot reach the Hugging Face Hub to load {dataset_name!r} (offline). Download the dataset first and "
+                "pass its folder with --train_dir, or run without data arguments to use the embedded digits."
+            )
+        dataset = datasets.load_dataset(
+            dataset_name, dataset_config_name, split=split, streaming=streaming, cache_dir=cache_dir
+        )
+    elif train_dir or validation_dir:
+        folder = Path(validation_dir if split in ("validation", "test") and validation_dir else train_dir or validation_dir)
+        if not folder.exists():
+            raise ValueError(f"Data folder {str(folder)!r} does not exist: check --train_dir / --validation_dir.")
+        data_files = _data_files(folder)
+        if data_files:
+            dataset = datasets.load_dataset("parquet", data_files=data_files, split="train", streaming=streaming)
+        else:
+            dataset = datasets.load_dataset(
+                "imagefolder", data_dir=str(folder), split="train", streaming=streaming, cache_dir=cache_dir
+            )
+    else:
+        digits = load_digits_dataset(image_size)
+        dataset = digits["test" if split in ("test", "validation") else "train"]
+        if streaming:
+            dataset = dataset.to_iterable_dataset()
+
+    return _standardise_columns(dataset, image_column, label_column)
+
+
+def _standardise_columns(dataset, image_column: str | None, label_column: str | None):
+    import datasets
+
+    columns = list(dataset.column_names or (dataset.features or {}).keys())
+    image_column = image_column or next((c for c in IMAGE_COLUMN_CANDIDATES if c in columns), None)
+    if image_column not in columns:
+        raise ValueError(
+            f"No image column found (looked for {image_column or list(IMAGE_COLUMN_CANDIDATES)}); the dataset has "
+            f"columns {columns}. Pass --image_column with the right name."
+        )
+    label_column = label_column or next((c for c in LABEL_COLUMN_CANDIDATES if c in columns), None)
+    if label_column is not None and label_column not in columns:
+        raise ValueError(f"Label column {label_column!r} not found; the dataset has columns {columns}.")
+    renames = {image_column: "image"}
+    if label_column:
+        renames[label_column] = "label"
+    dataset = dataset.rename_columns({k: v for k, v in renames.items() if k != v})
+    features = dataset.features
+    if features is not None and isinstance(features.get("image"), datasets.Image):
+        # Decoding inside `datasets` would crash the run on the first corrupt file; our collators skip it instead.
+        dataset = dataset.cast_column("image", datasets.Image(decode=False))
+    keep = [c for c in ("image", "label") if c in (dataset.column_names or ["image", "label"])]
+    if dataset.column_names and set(dataset.column_names) - set(keep):
+        dataset = dataset.select_columns(keep)
+    return dataset
+
+
+def shard_for_process(dataset, rank: int, world_size: int):
+    """Give each of `world_size` processes its own disjoint part of an iterable dataset (`split_dataset_by_node`)."""
+    from datasets.distributed import split_dataset_by_node
+
+    if world_size <= 1:
+        return dataset
+    return split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Images
+# ------------------------------------------------------------------------------------------------------------------
+def _to_eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit and float images scaled (not clipped) to 8-bit."""
+    array = np.asarray(image).astype(np.float64)
+    if image.mode.startswith("I;16") or (image.mode == "I" and array.max() > 255):
+        array = array / 65535.0 * 255.0
+    elif image.mode == "F":
+        low, high = float(array.min()), float(array.max())
+        array = (array - low) / max(high - low, 1e-12) * 255.0
+    return Image.fromarray(np.clip(array, 0, 255).round().astype(np.uint8), mode="L")
+
+
+def decode_image(value) -> Image.Image | None:
+    """
+    Decode one image to RGB: PIL images, numpy arrays, bytes, file paths, or `datasets`' `{"bytes", "path"}` dicts;
+    grayscale, palette, CMYK, alpha and 16-bit images are converted. Returns `None` for undecodable data.
+    """
+    try:
+        if isinstance(value, dict):
+            value = value.get("bytes") or value.get("path")
+        if isinstance(value, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(value))
+        elif isinstance(value, (str, os.PathLike)):
+            image = Image.open(value)
+        elif isinstance(value, np.ndarray):
+            image = Image.fromarray(value)
+        elif isinstance(value, Image.Image):
+            image = value
+        else:
+            return None
+        image.load()  # truncated and corrupt files fail here rather than later in the batch
+        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            image = _to_eight_bit(image)
+        if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+            image = image.convert("RGBA")
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, image)
+        return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        logger.warning("Skipping an undecodable image: %s", error)
+        return None
+
+
+def _uniform(generator: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand(1, generator=generator))
+
+
+def random_resized_crop(
+    image: Image.Image,
+    size: tuple[int, int],
+    generator: torch.Generator,
+    scale: Sequence[float] = (0.3, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+) -> Image.Image:
+    """
+    The usual RandomResizedCrop (area fraction in `scale`, log-uniform aspect in `ratio`, 10 tries then a centre crop),
+    resized bilinearly to `size` = `(height, width)`. Images smaller than `size` are upsampled.
+    """
+    width, height = image.size
+    area = width * height
+    for _ in range(10):
+        target_area = area * _uniform(generator, scale[0], scale[1])
+        aspect = math.exp(_uniform(generator, math.log(ratio[0]), math.log(ratio[1])))
+        crop_width = int(round(math.sqrt(target_area * aspect)))
+        crop_height = int(round(math.sqrt(target_area / aspect)))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            top = int(torch.randint(0, height - crop_height + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - crop_width + 1, (1,), generator=generator))
+            break
+    else:
+        in_ratio = width / height
+        if in_ratio < min(ratio):
+            crop_width, crop_height = width, int(round(width / min(ratio)))
+        elif in_ratio > max(ratio):
+            crop_width, crop_height = int(round(height * max(ratio))), height
+        else:
+            crop_width, crop_height = width, height
+        top, left = (height - crop_height) // 2, (width - crop_width) // 2
+    crop = image.crop((left, top, left + crop_width, top + crop_height))
+    return crop.resize((size[1], size[0]), Image.BILINEAR)
+
+
+def _processor_size(image_processor) -> tuple[int, int]:
+    size = image_processor.size
+    if "height" in size:
+        return int(size["height"]), int(size["width"])
+    edge = int(size.get("shortest_edge", 224))
+    return edge, edge
+
+
+def _normalise(images: list[Image.Image], image_processor) -> torch.Tensor:
+    return image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+class _SkippingCollator:
+    """Decodes `image` entries, drops undecodable ones and counts them in `num_dropped`."""
+
+    def __init__(self) -> None:
+        self.num_dropped = 0
+
+    def _decode(self, examples: list[dict]) -> tuple[list[Image.Image], list[dict]]:
+        if examples and "image" not in examples[0]:
+            raise ValueError(
+                f"Examples need an `image` entry; found keys {sorted(examples[0])}. Load data with "
+                "modeling_ijepa.data.load_image_dataset or pass --image_column."
+            )
+        images, kept = [], []
+        for example in examples:
+            image = decode_image(example["image"])
+            if image is None:
+                self.num_dropped += 1
+                continue
+            images.append(image)
+            kept.append(example)
+        if not images:
+            raise ValueError(
+                f"Every image of a batch of {len(examples)} failed to decode ({self.num_dropped} dropped so far): the "
+                "data source is unreadable; check the files or the image column."
+            )
+        return images, kept
+
+
+class IJepaPretrainingCollator(_SkippingCollator):
+    """
+    Pre-training batches: decode, random-resized-crop and normalise each image, then sample I-JEPA masks.
+
+    Crops and masks come from the mask collator's per-batch generator (seeded by `(seed, batch index)`), so a batch
+    is a pure function of its examples and its index: resuming from `state_dict()` reproduces the run exactly.
+
+    Returns the mask collator's batch: `pixel_values` `(batch, 3, height, width)`, `context_indices`, `target_indices`.
+    """
+
+    def __init__(self, mask_collator: IJepaMaskCollator, image_processor, crop_scale: Sequence[float] = (0.3, 1.0)):
+        super().__init__()
+        self.mask_collator = mask_collator
+        self.image_processor = image_processor
+        self.crop_scale = tuple(crop_scale)
+        self.size = _processor_size(image_processor)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.mask_collator.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.mask_collator.load_state_dict(state)
+
+    def set_batch_index(self, batch_index: int) -> None:
+        self.mask_collator.set_batch_index(batch_index)
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        images, _ = self._decode(examples)
+        generator = self.mask_collator.next_generator()
+        crops = [random_resized_crop(image, self.size, generator, scale=self.crop_scale) for image in images]
+        pixel_values = _normalise(crops, self.image_processor)
+        context_indices, target_indices = self.mask_collator.sample_masks(len(crops), generator)
+        return {"pixel_values": pixel_values, "context_indices": context_indices, "target_indices": target_indices}
+
+
+class ImageClassificationCollator(_SkippingCollator):
+    """
+    Evaluation / fine-tuning batches: `pixel_values` and `labels`. With `augment`, a random-resized crop (scale 0.08-1)
+    and horizontal flip, seeded by `seed`; otherwise the processor's deterministic resize.
+    """
+
+    def __init__(self, image_processor, augment: bool = False, seed: int = 0):
+        super().__init__()
+        self.image_processor = image_processor
+        self.augment = augment
+        self.size = _processor_size(image_processor)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        images, kept = self._decode(examples)
+        if self.augment:
+            images = [random_resized_crop(image, self.size, self.generator, scale=(0.08, 1.0)) for image in images]
+            flips = torch.rand(len(images), generator=self.generator) < 0.5
+            images = [image.transpose(Image.FLIP_LEFT_RIGHT) if flip else image for image, flip in zip(images, flips)]
+        batch = {"pixel_values": _normalise(images, self.image_processor)}
+        if "label" in kept[0]:
+            batch["labels"] = default_collate([int(example["label"]) for example in kept])
+        return batch
+
+
+__all__ = [
+    "default_image_processor",
+    "load_digits_dataset",
+    "load_image_dataset",
+    "hub_is_reachable",
+    "shard_for_process",
+    "decode_image",
+    "random_resized_crop",
+    "IJepaPretrainingCollator",
+    "ImageClassificationCollator",
+]
