@@ -1,0 +1,321 @@
+"""I-JEPA pre-training with `transformers.Trainer`: schedules, target-encoder EMA, collapse monitors, safe checkpoints.
+
+The I-JEPA step is the Trainer's own step (forward, backward, optimiser, LR scheduler) plus, after every *optimiser*
+step, the EMA update of the target encoder and the weight-decay schedule (a callback, so it is correct under gradient
+accumulation). Every schedule is a pure function of the global step, so resuming a checkpoint resumes them exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+import transformers.trainer as transformers_trainer
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .data import shard_for_process
+from .modeling_ijepa import IJepaForPreTraining
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Schedules (official definitions; `step` counts optimiser steps)
+# ------------------------------------------------------------------------------------------------------------------
+def ijepa_learning_rate(
+    step: int, total_steps: int, warmup_steps: int, start_lr: float, base_lr: float, final_lr: float
+) -> float:
+    """LR of optimiser step `step` (1-based): linear `start_lr -> base_lr` warm-up, then cosine to `final_lr`."""
+    if step < warmup_steps:
+        return start_lr + step / max(1, warmup_steps) * (base_lr - start_lr)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return max(final_lr, final_lr + (base_lr - final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def ijepa_weight_decay(step: int, total_steps: int, start_weight_decay: float, final_weight_decay: float) -> float:
+    """Weight decay of optimiser step `step` (1-based): cosine from `start_weight_decay` to `final_weight_decay`."""
+    progress = min(step / max(1, total_steps), 1.0)
+    return final_weight_decay + (start_weight_decay - final_weight_decay) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def ijepa_ema_momentum(update: int, total_steps: int, start: float, end: float) -> float:
+    """EMA momentum of the `update`-th target update (0-based): linear from `start` to `end` over the run."""
+    return min(end, start + update * (end - start) / max(1, total_steps))
+
+
+def effective_rank(features: torch.Tensor) -> float:
+    """`exp(entropy)` of the normalised singular values of centred `(num_samples, dim)` features (1 = collapsed)."""
+    features = features.float()
+    singular_values = torch.linalg.svdvals(features - features.mean(dim=0, keepdim=True))
+    distribution = singular_values / singular_values.sum().clamp_min(1e-12)
+    entropy = -(distribution * torch.log(distribution.clamp_min(1e-12))).sum()
+    return float(torch.exp(entropy))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass
+class IJepaTrainingArguments(TrainingArguments):
+    """[`~transformers.TrainingArguments`] plus the I-JEPA schedules (defaults: the official ViT-H/14 recipe)."""
+
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate, reached after warm-up."})
+    start_lr: float = field(default=2e-4, metadata={"help": "Learning rate at the start of the linear warm-up."})
+    final_lr: float = field(default=1e-6, metadata={"help": "Learning rate at the end of the cosine decay."})
+    weight_decay: float = field(default=0.04, metadata={"help": "Weight decay at the start of its cosine schedule."})
+    final_weight_decay: float = field(default=0.4, metadata={"help": "Weight decay at the end of its cosine schedule."})
+    ema_momentum_start: float | None = field(
+        default=None, metadata={"help": "Target-encoder EMA momentum at the start (default: the model config's, 0.996)."}
+    )
+    ema_momentum_end: float | None = field(
+        default=None, metadata={"help": "EMA momentum at the end of training (default: the model config's, 1.0)."}
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: the I-JEPA collator needs the raw `image` column."}
+    )
+    monitor_collapse: bool = field(
+        default=True, metadata={"help": "Log target-feature std and effective rank at every logging step."}
+    )
+
+
+class _IJepaScheduleCallback(TrainerCallback):
+    """After each optimiser step: EMA update of the target encoder, then the weight decay of the next step."""
+
+    def __init__(self, trainer: "IJepaTrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._set_weight_decay(state.global_step + 1)
+        self.trainer._sync_collator(state.global_step)
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.trainer._sync_collator(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._update_target_encoder(state.global_step - 1)
+        self.trainer._set_weight_decay(state.global_step + 1)
+
+
+class IJepaTrainer(Trainer):
+    """
+    [`~transformers.Trainer`] for [`IJepaForPreTraining`].
+
+    - LR: linear warm-up from `start_lr` to `learning_rate` over the warm-up steps, then cosine to `final_lr`;
+    - weight decay: cosine from `weight_decay` to `final_weight_decay`, never on biases, norms or other 1-D params;
+    - the target encoder is not optimised; it follows the encoder by EMA once per optimiser step, momentum linear
+      from `ema_momentum_start` to `ema_momentum_end`;
+    - logs lr, wd, momentum, context/target token counts and collapse monitors (std of the target features over
+      samples, averaged over dimensions, and the effective rank of the pooled target features);
+    - a non-finite loss stops the run before the optimiser step, so the last checkpoint stays the last good one;
+    - checkpoints are written to a staging folder and renamed, so a kill during a save never leaves a partial one.
+    """
+
+    args: IJepaTrainingArguments
+
+    def __init__(self, model: IJepaForPreTraining, args: IJepaTrainingArguments, **kwargs):
+        super().__init__(model=model, args=args, **kwargs)
+        self.add_callback(_IJepaScheduleCallback(self))
+        self._step_metrics: dict[str, float] = {}
+
+    # -- optimiser and schedules ------------------------------------------------------------------------------------
+    def _ijepa_model(self) -> IJepaForPreTraining:
+        return self.accelerator.unwrap_model(self.model)
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            decay, no_decay = [], []
+            for name, parameter in opt_model.named_parameters():
+                if not parameter.requires_grad:  # the target encoder and the fixed position embeddings
+                    continue
+                (no_decay if parameter.ndim <= 1 or name.endswith(".bias") else decay).append(parameter)
+            groups = [
+                {"params": decay, "weight_decay": self.args.weight_decay, "ijepa_weight_decay": True},
+                {"params": no_decay, "weight_decay": 0.0, "ijepa_weight_decay": False},
+            ]
+            fused = self.args.device.type == "cuda"
+            self.optimizer = torch.optim.AdamW(
+                groups,
+                lr=self.args.learning_rate,
+                betas=(self.args.adam_beta1, self.args.adam_beta2),
+                eps=self.args.adam_epsilon,
+                fused=fused or None,
+                foreach=None if fused else True,
+            )
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if self.lr_scheduler is None:
+            optimizer = optimizer or self.optimizer
+            warmup = self.args.get_warmup_steps(num_training_steps)
+            args = self.args
+
+            def factor(steps_done: int) -> float:
+                # LambdaLR sets the LR of the *next* step, the (steps_done + 1)-th.
+                lr = ijepa_learning_rate(
+                    steps_done + 1, num_training_steps, warmup, args.start_lr, args.learning_rate, args.final_lr
+                )
+                return lr / args.learning_rate
+
+            self.lr_scheduler = LambdaLR(optimizer, factor)
+        return self.lr_scheduler
+
+    def _total_steps(self) -> int:
+        return max(1, self.state.max_steps)
+
+    def _set_weight_decay(self, step: int) -> None:
+        if self.optimizer is None:
+            return
+        weight_decay = ijepa_weight_decay(step, self._total_steps(), self.args.weight_decay, self.args.final_weight_decay)
+        for group in self.optimizer.param_groups:
+            if group.get("ijepa_weight_decay"):
+                group["weight_decay"] = weight_decay
+        self._step_metrics["weight_decay"] = weight_decay
+
+    def _momentum_range(self) -> tuple[float, float]:
+        config = self._ijepa_model().config
+        start = self.args.ema_momentum_start if self.args.ema_momentum_start is not None else config.ema_momentum_start
+        end = self.args.ema_momentum_end if self.args.ema_momentum_end is not None else config.ema_momentum_end
+        return start, end
+
+    def _update_target_encoder(self, update: int) -> None:
+        momentum = ijepa_ema_momentum(update, self._total_steps(), *self._momentum_range())
+        self._ijepa_model().update_target_encoder(momentum)
+        self._step_metrics["ema_momentum"] = momentum
+
+    def _sync_collator(self, global_step: int) -> None:
+        """Point the collator at the next micro-batch so crops and masks match an uninterrupted run."""
+        import datasets
+
+        # Streams are resumed by re-reading the consumed batches, which advances the collator by itself.
+        streaming = isinstance(self.train_dataset, (torch.utils.data.IterableDataset, datasets.IterableDataset))
+        if hasattr(self.data_collator, "set_batch_index") and not streaming:
+            self.data_collator.set_batch_index(global_step * self.args.gradient_accumulation_steps)
+
+    # -- data -------------------------------------------------------------------------------------------------------
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        """
+        Streamed (`datasets.IterableDataset`) training data is split between processes with `split_dataset_by_node`
+        (whole shards when the stream has enough of them, otherwise every `world_size`-th example), each process
+        reading only its own part. The loader is then prepared as a single-process one, so accelerate neither reads the
+        stream on the main process only (`dispatch_batches`) nor shards it a second time. Map-style data uses the
+        Trainer's own distributed sampler.
+        """
+        import datasets
+        from accelerate.data_loader import prepare_data_loader
+
+        dataset = self.train_dataset
+        if not isinstance(dataset, datasets.IterableDataset):
+            return super().get_train_dataloader()
+        dataset = shard_for_process(dataset, self.args.process_index, self.args.world_size)
+        workers = self.args.dataloader_num_workers
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=self._train_batch_size,
+            collate_fn=self.data_collator,
+            num_workers=workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            persistent_workers=self.args.dataloader_persistent_workers and workers > 0,
+            prefetch_factor=self.args.dataloader_prefetch_factor if workers > 0 else None,
+            drop_last=self.args.dataloader_drop_last,
+        )
+        prepared = prepare_data_loader(
+            loader, device=self.args.device, num_processes=1, process_index=0, put_on_device=True, dispatch_batches=False
+        )
+        self.accelerator._dataloaders.append(prepared)
+        return prepared
+
+    # -- step -------------------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        outputs = model(
+            pixel_values=inputs["pixel_values"],
+            context_indices=inputs["context_indices"],
+            target_indices=inputs["target_indices"],
+        )
+        loss = outputs.loss
+        if not torch.isfinite(loss.detach()):
+            raise FloatingPointError(
+                f"The I-JEPA loss became {loss.item()} at step {self.state.global_step}: training stopped before the "
+                "optimiser step, so the last saved checkpoint is the last good one. Lower the learning rate, use "
+                "bf16 instead of fp16, or check the input data."
+            )
+        if self._is_logging_step():
+            self._step_metrics["context_tokens"] = float(inputs["context_indices"].shape[1])
+            self._step_metrics["target_tokens"] = float(inputs["target_indices"][0].numel())
+            dropped = getattr(self.data_collator, "num_dropped", None)
+            if dropped is not None:  # counted in this process (DataLoader workers keep their own counts)
+                self._step_metrics["skipped_images"] = float(dropped)
+            if self.args.monitor_collapse:
+                with torch.no_grad():
+                    targets = outputs.targets.detach().float().flatten(0, 2)
+                    self._step_metrics["target_feature_std"] = float(targets.std(dim=0).mean())
+                    self._step_metrics["pooled_effective_rank"] = effective_rank(outputs.target_pooler_output.detach())
+        return (loss, outputs) if return_outputs else loss
+
+    def _is_logging_step(self) -> bool:
+        # compute_loss runs before the step counter moves: the step being computed is global_step + 1.
+        return self.args.logging_steps > 0 and (self.state.global_step + 1) % int(self.args.logging_steps) == 0
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs.update(self._step_metrics)
+        super().log(logs, start_time)
+
+    # -- checkpoints ------------------------------------------------------------------------------------------------
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """
+        Restore the weights through `from_pretrained`, which maps the vanilla-compatible key names of our files back
+        onto the modules (the Trainer's raw `load_state_dict` would silently skip them). FSDP / DeepSpeed checkpoints
+        hold module names already and go through the Trainer's own loader.
+        """
+        model = self.model if model is None else model
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        target = self.accelerator.unwrap_model(model)
+        loaded = type(target).from_pretrained(resume_from_checkpoint)
+        state = loaded.state_dict()
+        missing = set(target.state_dict()) ^ set(state)
+        if missing:
+            raise ValueError(
+                f"Checkpoint {resume_from_checkpoint} does not match the model (keys differ: {sorted(missing)[:5]}): "
+                "resume with the same --model_preset and --config_overrides it was trained with."
+            )
+        target.load_state_dict(state)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write `checkpoint-N` under a staging name and rename it when complete (a kill never leaves a partial one)."""
+        final_dir = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        staging_prefix = "tmp-checkpoint"
+        staging_dir = os.path.join(self._get_output_dir(trial=trial), f"{staging_prefix}-{self.state.global_step}")
+        original_prefix = transformers_trainer.PREFIX_CHECKPOINT_DIR
+        transformers_trainer.PREFIX_CHECKPOINT_DIR = staging_prefix
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            transformers_trainer.PREFIX_CHECKPOINT_DIR = original_prefix
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            if os.path.isdir(final_dir):
+                shutil.rmtree(final_dir)
+            os.replace(staging_dir, final_dir)
+            # The Trainer rotated old checkpoints before the rename; apply `save_total_limit` to the new set.
+            transformers_trainer.rotate_checkpoints(
+                output_dir=self._get_output_dir(trial=trial),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+
+
+__all__ = [
+    "IJepaTrainer",
+    "IJepaTrainingArguments",
+    "ijepa_learning_rate",
+    "ijepa_weight_decay",
+    "ijepa_ema_momentum",
+    "effective_rank",
+]
