@@ -165,6 +165,11 @@ def _standardise_columns(dataset, image_column: str | None, label_column: str | 
     label_column = label_column or next((c for c in LABEL_COLUMN_CANDIDATES if c in columns), None)
     if label_column is not None and label_column not in columns:
         raise ValueError(f"Label column {label_column!r} not found; the dataset has columns {columns}.")
+    if isinstance(dataset, datasets.IterableDataset):
+        # Streams apply every step lazily: decoding must be off before the renames below, or their inner steps decode.
+        dataset = dataset.decode(False)
+    if dataset.features is not None and isinstance(dataset.features.get(image_column), datasets.Image):
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     renames = {image_column: "image"}
     if label_column:
         renames[label_column] = "label"

@@ -257,3 +257,34 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path):
     reloaded = IJepaForPreTraining.from_pretrained(get_last_checkpoint(str(tmp_path)))
     for name, value in reloaded.state_dict().items():
         torch.testing.assert_close(value, model.state_dict()[name], rtol=0, atol=0, msg=name)
+
+
+def test_exact_resume_on_a_stream(tmp_path):
+    """Streams have no random access: on resume the consumed batches are re-read (and re-collated), then training goes on."""
+
+    def streamed_trainer(output_dir, callbacks=()):
+        torch.manual_seed(0)
+        config = tiny_config()
+        stream = _digits(48).to_iterable_dataset(num_shards=4).shuffle(seed=0, buffer_size=16)
+        trainer = IJepaTrainer(
+            model=IJepaForPreTraining(config),
+            args=_args(output_dir, max_steps=8, save_strategy="steps", save_steps=4),
+            train_dataset=stream,
+            data_collator=_collator(config),
+        )
+        for callback in callbacks:
+            trainer.add_callback(callback)
+        return trainer
+
+    reference = streamed_trainer(tmp_path / "straight")
+    reference.train()  # 48 images / 8 per batch: crosses an epoch boundary (reshuffled) at step 6
+    expected = _weights(reference.model)
+
+    killed = streamed_trainer(tmp_path / "killed", callbacks=[_Kill(6)])
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()
+    resumed = streamed_trainer(tmp_path / "killed")
+    resumed.train(resume_from_checkpoint=get_last_checkpoint(str(tmp_path / "killed")))
+    got = _weights(resumed.model)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)

@@ -82,6 +82,9 @@ class DataArguments:
 class _Parser(HfArgumentParser):
     """`HfArgumentParser` whose unknown flags and bad values end in an argparse error naming the fix."""
 
+    def format_usage(self) -> str:  # the full usage lists ~150 TrainingArguments flags: keep errors readable
+        return f"usage: {self.prog} [--config RECIPE] [--option value ...]   (--help lists every option)\n"
+
     def known_options(self) -> list[str]:
         return [option for action in self._actions for option in action.option_strings if option.startswith("--")]
 
@@ -96,6 +99,12 @@ class _Parser(HfArgumentParser):
             close = difflib.get_close_matches(flag, self.known_options(), n=1)
             hints.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
         self.error(f"unrecognized option(s) {', '.join(hints)} ({origin}); see --help for the list of options.")
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or torch.backends.mps.is_available()
 
 
 def resolve_recipe(name_or_path: str) -> Path:
@@ -146,12 +155,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         parser.reject_unknown(unknown, "command line")
         values = vars(namespace)
         values.pop("config")
+        if not _has_accelerator():
+            # Lets `accelerate launch --multi_gpu --num_processes N` run N CPU processes (gloo), and bf16 autocast on CPU.
+            values["use_cpu"] = True
         outputs = []
         for dtype in parser.dataclass_types:
             names = {f.name for f in fields(dtype) if f.init}
             outputs.append(dtype(**{k: v for k, v in values.items() if k in names}))
     except ValueError as error:  # raised by the dataclasses' own validation (e.g. TrainingArguments)
-        parser.error(str(error))
+        hint = " The official recipes use bf16: on a machine without a GPU add --use_cpu true." if "bf16" in str(error) else ""
+        parser.error(f"{error}{hint}")
     model_args, data_args, training_args = outputs
     if not 0.0 < data_args.crop_scale_min <= data_args.crop_scale_max <= 1.0:
         parser.error(

@@ -1,0 +1,222 @@
+"""training_scripts/pretrain.py: recipes, flags, data sources (embedded, local, streamed, 2 processes), bad input."""
+
+import importlib.util
+import io
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modeling_ijepa import IJepaForPreTraining, IJepaModel
+from modeling_ijepa.data import load_digits_dataset, load_image_dataset, shard_for_process
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "training_scripts" / "pretrain.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("pretrain_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script is being executed
+    spec.loader.exec_module(module)
+    return module
+
+
+pretrain = _load_script()
+
+FAST = ["--per_device_train_batch_size", "16", "--logging_steps", "1", "--save_steps", "2", "--disable_tqdm", "true"]
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def messy_image_folder(tmp_path_factory) -> Path:
+    """An imagefolder of real digits plus every kind of awkward file a scraped dataset holds."""
+    root = tmp_path_factory.mktemp("images")
+    digits = load_digits_dataset(48)["train"]
+    for index in range(40):
+        example = digits[index]
+        folder = root / str(example["label"])
+        folder.mkdir(exist_ok=True)
+        example["image"].save(folder / f"{index}.png")
+    odd = root / "odd"
+    odd.mkdir()
+    (odd / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    buffer = io.BytesIO()
+    digits[0]["image"].save(buffer, format="JPEG")
+    (odd / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    digits[1]["image"].convert("CMYK").save(odd / "cmyk.jpg")
+    digits[2]["image"].convert("RGBA").save(odd / "rgba.png")
+    digits[3]["image"].convert("L").save(odd / "gray.png")
+    sixteen = (np.asarray(digits[4]["image"].convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
+    sixteen_bit = Image.fromarray(sixteen)
+    assert sixteen_bit.mode.startswith("I;16")
+    sixteen_bit.save(odd / "sixteen_bit.png")
+    digits[5]["image"].resize((6, 5)).save(odd / "tiny.png")  # far smaller than the 48 px crop
+    return root
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Arguments and recipes
+# ------------------------------------------------------------------------------------------------------------------
+def test_default_recipe_is_the_embedded_cpu_run():
+    model_args, data_args, training_args, recipe = pretrain.parse_args([])
+    assert recipe.endswith("tiny-cpu.yaml")
+    assert model_args.model_preset == "vit_micro_patch4_48"
+    assert data_args.dataset_name is None and data_args.train_dir is None
+    assert training_args.max_steps == 300 and training_args.per_device_train_batch_size == 64
+    assert training_args.learning_rate == 1e-3 and training_args.start_lr == 2e-4
+
+
+@pytest.mark.parametrize(
+    "name, preset, predictor_depth, max_steps, warmup",
+    [
+        ("in1k-vith14-ep300", "vit_huge_patch14_224", 12, 187_500, 25_000),
+        ("in1k-vith16-448-ep300", "vit_huge_patch16_448", 12, 187_500, 25_000),
+        ("in22k-vith14-ep66", "vit_huge_patch14_224", 12, 457_512, 20_796),
+        ("in22k-vitg16-ep44", "vit_giant_patch16_224", 16, 305_008, 20_796),
+    ],
+)
+def test_official_recipes(name, preset, predictor_depth, max_steps, warmup):
+    model_args, data_args, args, _ = pretrain.parse_args(
+        ["--config", name, "--train_dir", "/data/imagenet", "--use_cpu", "true"]  # bf16 needs a GPU unless on CPU
+    )
+    config = pretrain.build_config(model_args)
+    assert model_args.model_preset == preset and config.predictor_num_hidden_layers == predictor_depth
+    assert config.predictor_hidden_size == 384 and config.num_target_blocks == 4
+    assert (args.max_steps, args.warmup_steps) == (max_steps, warmup)
+    assert (args.learning_rate, args.start_lr, args.final_lr) == (1e-3, 2e-4, 1e-6)
+    assert (args.weight_decay, args.final_weight_decay) == (0.04, 0.4)
+    assert (args.ema_momentum_start, args.ema_momentum_end) == (0.996, 1.0)
+    assert (data_args.crop_scale_min, data_args.crop_scale_max) == (0.3, 1.0)
+    assert args.bf16 and args.per_device_train_batch_size == 128 and data_args.streaming
+
+
+def test_command_line_overrides_the_recipe():
+    model_args, _, args, _ = pretrain.parse_args(
+        ["--config", "in1k-vith14-ep300", "--learning_rate", "5e-4", "--model_preset", "vit_small_patch16_224",
+         "--use_cpu", "true"]
+    )
+    assert args.learning_rate == 5e-4 and model_args.model_preset == "vit_small_patch16_224"
+    assert args.warmup_steps == 25_000  # untouched recipe values stay
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--max_stepz", "3"], "did you mean --max_steps"),
+        (["--config", "no-such-recipe"], "Recipe 'no-such-recipe' not found"),
+        (["--crop_scale_min", "0"], "--crop_scale_min"),
+        (["--streaming", "--max_steps", "-1"], "set --max_steps"),
+        (["--config", "in22k-vith14-ep66", "--use_cpu", "true"], "needs data: pass --dataset_name or --train_dir"),
+        (["extra"], "unexpected positional"),
+    ],
+)
+def test_bad_flags_give_an_argparse_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_recipe_key_is_named(tmp_path, capsys):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("learning_rat: 0.1\nmax_steps: 3\n")
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--config", str(recipe)])
+    assert "--learning_rat (did you mean --learning_rate?)" in capsys.readouterr().err
+
+
+def test_bad_model_settings_name_the_fix():
+    with pytest.raises(SystemExit, match="divisible"):
+        pretrain.main(["--config_overrides", "image_size=50", "--max_steps", "1", "--output_dir", "/tmp/unused"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Runs
+# ------------------------------------------------------------------------------------------------------------------
+def test_embedded_default_run_writes_a_loadable_encoder(tmp_path):
+    from transformers import AutoImageProcessor, AutoModel
+
+    output = pretrain.main(
+        ["--max_steps", "4", "--max_train_samples", "64", "--output_dir", str(tmp_path), "--warmup_steps", "1", *FAST]
+    )
+    encoder = AutoModel.from_pretrained(output)
+    assert type(encoder) is IJepaModel
+    full = IJepaForPreTraining.from_pretrained(os.path.join(output, "pretraining"))
+    for name, value in full.target_encoder.state_dict().items():
+        torch.testing.assert_close(encoder.state_dict()[name], value, rtol=0, atol=0)
+    assert not torch.equal(full.encoder.layers[0].mlp.fc1.weight, full.target_encoder.layers[0].mlp.fc1.weight)
+    processor = AutoImageProcessor.from_pretrained(output)
+    assert processor.size == {"height": 48, "width": 48}
+    assert (tmp_path / "training_curves.png").stat().st_size > 1000
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_local_folder_with_bad_images_is_trained_on(messy_image_folder, tmp_path, caplog):
+    pretrain.main(
+        ["--train_dir", str(messy_image_folder), "--max_steps", "3", "--output_dir", str(tmp_path), *FAST]
+    )
+    assert (tmp_path / "model.safetensors").exists()
+    assert "undecodable images were skipped" in caplog.text
+
+
+def test_stream_shards_are_disjoint_per_process(messy_image_folder):
+    stream = load_image_dataset(train_dir=str(messy_image_folder), streaming=True)
+    seen = []
+    for rank in range(2):
+        seen.append({example["image"]["path"] for example in shard_for_process(stream, rank, 2)})
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    assert len(seen[0] | seen[1]) == len(list(messy_image_folder.rglob("*.*")))
+
+
+def test_two_process_launch_on_local_streamed_data(messy_image_folder, tmp_path):
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517", str(SCRIPT),
+        "--train_dir", str(messy_image_folder), "--streaming", "--max_steps", "3", "--output_dir", str(tmp_path),
+        "--shuffle_buffer_size", "8", *FAST,
+    ]
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "process 0 of 2" in result.stderr and "process 1 of 2" in result.stderr
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "checkpoint-2").is_dir()
+    # Vanilla transformers loads the result without our package.
+    check = (
+        "import sys, transformers; m = transformers.IJepaModel.from_pretrained(sys.argv[1]); "
+        "assert 'modeling_ijepa' not in sys.modules; print(type(m).__module__)"
+    )
+    loaded = subprocess.run([sys.executable, "-c", check, str(tmp_path)], env=_env(), capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert loaded.stdout.strip().startswith("transformers.")
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"HF_HUB_OFFLINE": "1"},
+        {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"},  # nothing listens
+    ],
+    ids=["offline-mode", "unreachable-endpoint"],
+)
+def test_hub_dataset_fails_fast_offline(env, tmp_path):
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dataset_name", "ILSVRC/imagenet-1k", "--streaming", "--max_steps", "2",
+         "--output_dir", str(tmp_path)],
+        env=_env(**env), capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    elapsed = time.monotonic() - start
+    assert result.returncode != 0
+    assert "Cannot reach the Hugging Face Hub" in result.stderr and "--train_dir" in result.stderr
+    assert elapsed < 60, f"took {elapsed:.0f} s to fail"
