@@ -288,3 +288,14 @@ def test_exact_resume_on_a_stream(tmp_path):
     got = _weights(resumed.model)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("option", [{"activation_checkpointing": True}, {"bf16": True}], ids=["checkpointing", "bf16"])
+def test_memory_and_precision_options_follow_the_fp32_run(tmp_path, option):
+    reference = _trainer(tmp_path / "fp32", max_steps=2)
+    reference.train()
+    other = _trainer(tmp_path / "other", max_steps=2, **option)
+    other.train()
+    losses = [[e["loss"] for e in t.state.log_history if "loss" in e] for t in (reference, other)]
+    tolerance = 1e-6 if "activation_checkpointing" in option else 2e-2
+    assert losses[1] == pytest.approx(losses[0], abs=tolerance)
