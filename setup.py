@@ -16,7 +16,10 @@ setup(
     python_requires=">=3.10",
     packages=["modeling_ijepa", "modeling_ijepa._configuration"],
     package_dir={"modeling_ijepa": "modeling_ijepa", "modeling_ijepa._configuration": "configuration"},
-    package_data={"modeling_ijepa._configuration": ["models/*.json", "recipes/*.yaml", "accelerate/*.yaml"]},
+    package_data={
+        "modeling_ijepa": ["metrics/accuracy/*.py"],
+        "modeling_ijepa._configuration": ["models/*.json", "recipes/*.yaml", "accelerate/*.yaml"],
+    },
     include_package_data=True,
     # torch is deliberately unpinned: GPU users bring their own CUDA build; CI installs the CPU wheel first.
     install_requires=[

@@ -1,0 +1,93 @@
+"""k-nearest-neighbour evaluation of a frozen I-JEPA encoder on average-pooled last-layer features.
+
+Each evaluation image takes the `k` training images with the most similar features (cosine similarity). By default
+the neighbours vote with weight `exp(similarity / temperature)` (the weighted k-NN of Wu et al. 2018, used by DINO);
+`--majority_vote` gives every neighbour one vote instead. No training, no gradients.
+
+Embedded digits (no data arguments), random-init baseline:
+
+    python training_scripts/knn_eval.py --model_name_or_path random:vit_micro_patch4_48
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from transformers import HfArgumentParser, set_seed
+
+from modeling_ijepa.evaluation import (
+    DataArguments,
+    ModelArguments,
+    extract_features,
+    freeze,
+    knn_accuracy,
+    load_classification_datasets,
+    load_encoder,
+    parse_arguments,
+    save_metrics,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class KnnArguments:
+    """The k-NN classifier and the run."""
+
+    output_dir: str = field(default="outputs/knn_eval", metadata={"help": "Where the metrics JSON is written."})
+    k: int = field(default=20, metadata={"help": "Number of neighbours."})
+    temperature: float = field(default=0.07, metadata={"help": "Temperature of the exp(similarity / T) vote weights."})
+    majority_vote: bool = field(default=False, metadata={"help": "One vote per neighbour instead of weighted votes."})
+    batch_size: int = field(default=128, metadata={"help": "Batch size of the feature extraction."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "Image decoding worker processes."})
+    seed: int = field(default=42, metadata={"help": "Seed of the random-init encoder and the label subset."})
+    device: str | None = field(default=None, metadata={"help": "Device of the encoder (default: cuda if available)."})
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"--k must be at least 1, got {self.k}.")
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be positive, got {self.temperature}; use --majority_vote instead.")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the k-NN evaluation; returns the metrics (`accuracy` in [0, 1], ...), also written to `output_dir`."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, KnnArguments))
+    model_args, data_args, knn_args = parse_arguments(parser, argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(knn_args.seed)
+    device = torch.device(knn_args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    encoder, image_processor = load_encoder(model_args.model_name_or_path, knn_args.seed, model_args.cache_dir)
+    freeze(encoder).to(device)
+    image_size = encoder.config.image_size
+    train_dataset, eval_dataset, names = load_classification_datasets(
+        data_args, seed=knn_args.seed, image_size=image_size if isinstance(image_size, int) else image_size[0]
+    )
+    extract = dict(batch_size=knn_args.batch_size, num_workers=knn_args.dataloader_num_workers, device=device)
+    train_features, train_labels = extract_features(encoder, train_dataset, image_processor, **extract)
+    eval_features, eval_labels = extract_features(encoder, eval_dataset, image_processor, **extract)
+
+    temperature = None if knn_args.majority_vote else knn_args.temperature
+    accuracy = knn_accuracy(train_features, train_labels, eval_features, eval_labels, knn_args.k, temperature)
+    metrics = {
+        "accuracy": accuracy,
+        "k": knn_args.k,
+        "temperature": temperature,
+        "num_train_samples": len(train_labels),
+        "num_eval_samples": len(eval_labels),
+        "num_classes": len(names),
+        "label_fraction": data_args.label_fraction,
+        "model_name_or_path": model_args.model_name_or_path,
+    }
+    save_metrics(knn_args.output_dir, "knn", metrics)
+    voting = "majority vote" if temperature is None else f"weighted vote, T={temperature}"
+    print(f"{knn_args.k}-NN accuracy: {accuracy:.4f} ({voting}; {len(train_labels)} training / "
+          f"{len(eval_labels)} evaluation images)")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
