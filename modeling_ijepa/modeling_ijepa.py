@@ -85,7 +85,7 @@ class IJepaSelfAttention(nn.Module):
 
     The implementation follows `config._attn_implementation`: `"sdpa"` uses
     `torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU), `"eager"` the
-    explicit softmax, which is also used whenever attention weights are requested.
+    explicit softmax, which is also used whenever attention weights are requested, and for bf16 on CPU (faster there).
     """
 
     def __init__(self, config: IJepaConfig, hidden_size: int, num_attention_heads: int):
@@ -112,7 +112,10 @@ class IJepaSelfAttention(nn.Module):
         dropout = self.config.attention_probs_dropout_prob if self.training else 0.0
 
         attention_weights = None
-        if output_attentions or self.config._attn_implementation == "eager":
+        # On CPU, torch's flash-attention kernel is 2-4x slower in bf16 (its backward above all) than two matmuls and a
+        # softmax: a bf16 pre-training step of ViT-S/16 runs ~1.2x faster on the explicit path. fp32 and GPUs keep SDPA.
+        bf16_on_cpu = query.device.type == "cpu" and query.dtype == torch.bfloat16
+        if output_attentions or self.config._attn_implementation == "eager" or bf16_on_cpu:
             scores = torch.matmul(query, key.transpose(-2, -1)) * self.scaling
             attention_weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
             context = torch.matmul(F.dropout(attention_weights, p=dropout, training=self.training), value)
@@ -467,11 +470,10 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
 
     @torch.no_grad()
     def update_target_encoder(self, momentum: float) -> None:
-        """EMA step `target = momentum * target + (1 - momentum) * encoder` over all parameters (foreach kernels)."""
+        """EMA step `target = momentum * target + (1 - momentum) * encoder` over all parameters (one foreach lerp)."""
         target_params = [p.data for p in self.target_encoder.parameters()]
         online_params = [p.data for p in self.encoder.parameters()]
-        torch._foreach_mul_(target_params, momentum)
-        torch._foreach_add_(target_params, online_params, alpha=1.0 - momentum)
+        torch._foreach_lerp_(target_params, online_params, 1.0 - momentum)
 
     def forward(
         self,

@@ -1,0 +1,153 @@
+"""The benchmark's reference (a re-statement of the authors' step) must compute what our model computes."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from modeling_ijepa import IJepaForPreTraining
+from modeling_ijepa.masking import IJepaMaskCollator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from benchmark_step import our_optimizer, our_train_step, step_flops  # noqa: E402
+from reference_ijepa import (  # noqa: E402
+    ReferenceMaskCollator,
+    official_masks,
+    reference_forward,
+    reference_from_ours,
+    reference_loss,
+    reference_optimizer,
+    reference_train_step,
+)
+
+from conftest import tiny_config  # noqa: E402
+
+
+def _model_and_batch(batch_size: int = 3, **overrides):
+    config = tiny_config(**overrides)
+    model = IJepaForPreTraining(config).train()
+    # Different encoder and target weights, so that a swapped copy would show.
+    with torch.no_grad():
+        for parameter in model.target_encoder.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    collator = IJepaMaskCollator.from_config(config, seed=1)
+    context_indices, target_indices = collator.sample_masks(batch_size, collator.next_generator())
+    batch = {
+        "pixel_values": torch.randn(batch_size, 3, config.image_size, config.image_size),
+        "context_indices": context_indices,
+        "target_indices": target_indices,
+    }
+    return model, batch
+
+
+def _block_major(tensor: torch.Tensor) -> torch.Tensor:
+    """Ours `(batch, blocks, num_target, width)` in the official order `(blocks * batch, num_target, width)`."""
+    return tensor.transpose(0, 1).flatten(0, 1)
+
+
+def test_reference_loss_equals_ours_on_same_weights_batch_and_masks():
+    model, batch = _model_and_batch()
+    reference = reference_from_ours(model)
+    masks_enc, masks_pred = official_masks(batch["context_indices"], batch["target_indices"])
+    with torch.no_grad():
+        ours = model(**batch)
+        loss = reference_loss(reference, batch["pixel_values"], masks_enc, masks_pred)
+    assert ours.loss.item() > 0.0
+    assert loss.item() == pytest.approx(ours.loss.item(), abs=1e-6)
+
+
+def test_reference_context_predictions_and_targets_equal_ours():
+    # The loss barely depends on the predictor at init (its output projection is small): compare the tensors.
+    model, batch = _model_and_batch()
+    reference = reference_from_ours(model)
+    masks_enc, masks_pred = official_masks(batch["context_indices"], batch["target_indices"])
+    with torch.no_grad():
+        ours = model(**batch)
+        predictions, targets = reference_forward(reference, batch["pixel_values"], masks_enc, masks_pred)
+        context = reference.encoder(batch["pixel_values"], masks_enc)
+    torch.testing.assert_close(context, ours.context_hidden_state, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(predictions, _block_major(ours.predictions), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(targets, _block_major(ours.targets), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("module", ["encoder", "predictor", "target_encoder"])
+def test_reference_outputs_differ_when_one_attention_weight_differs(module):
+    model, batch = _model_and_batch()
+    reference = reference_from_ours(model)
+    blocks = reference.predictor.predictor_blocks if module == "predictor" else getattr(reference, module).blocks
+    masks_enc, masks_pred = official_masks(batch["context_indices"], batch["target_indices"])
+    with torch.no_grad():
+        # A random change of the last value-projection row (a constant one would vanish: LayerNorm outputs sum to 0).
+        blocks[0].attn.qkv.weight[-1].add_(torch.randn(blocks[0].attn.qkv.weight.size(1)))
+        ours = model(**batch)
+        predictions, targets = reference_forward(reference, batch["pixel_values"], masks_enc, masks_pred)
+        context = reference.encoder(batch["pixel_values"], masks_enc)
+    theirs, expected = {
+        "encoder": (context, ours.context_hidden_state),
+        "predictor": (predictions, _block_major(ours.predictions)),
+        "target_encoder": (targets, _block_major(ours.targets)),
+    }[module]
+    assert (theirs - expected).abs().max() > 1e-3
+
+
+def test_training_steps_of_reference_and_ours_stay_equal():
+    """Optimiser and EMA are equivalent too: after two steps the third loss still agrees."""
+    model, batch = _model_and_batch()
+    reference = reference_from_ours(model)
+    masks_enc, masks_pred = official_masks(batch["context_indices"], batch["target_indices"])
+    our_opt = our_optimizer(model, torch.device("cpu"))
+    ref_opt = reference_optimizer(reference)
+    momentum = 0.9  # far from 1 so that an EMA mistake changes the targets
+    for _ in range(3):
+        ours = our_train_step(model, model, our_opt, batch, momentum, bf16=False)
+        theirs = reference_train_step(reference, ref_opt, batch["pixel_values"], masks_enc, masks_pred, momentum)
+        assert theirs == pytest.approx(ours, abs=1e-5)
+    target_ours = model.target_encoder.layers[0].attention.q_proj.weight
+    target_theirs = reference.target_encoder.blocks[0].attn.qkv.weight[: target_ours.size(0)]
+    torch.testing.assert_close(target_theirs, target_ours, atol=1e-6, rtol=1e-5)
+
+
+def test_analytic_flops_match_counted_forward_flops():
+    model, batch = _model_and_batch(batch_size=2)
+    config = model.config
+    num_blocks, num_target = batch["target_indices"].shape[1:]
+    expected = step_flops(config, 2, batch["context_indices"].size(1), num_blocks, num_target)
+    reference = reference_from_ours(model)
+    masks_enc, masks_pred = official_masks(batch["context_indices"], batch["target_indices"])
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        reference_loss(reference, batch["pixel_values"], masks_enc, masks_pred)
+    assert counter.get_total_flops() == expected["target"] + expected["context"] + expected["predictor"]
+    assert expected["step"] == expected["target"] + 3 * (expected["context"] + expected["predictor"])
+
+
+def test_reference_mask_collator_gives_official_format_without_overlap():
+    config = tiny_config()
+    collator = ReferenceMaskCollator.from_config(config)
+    masks_enc, masks_pred = collator.sample_masks(5, torch.Generator().manual_seed(0))
+    assert len(masks_enc) == 1 and len(masks_pred) == config.num_target_blocks
+    assert masks_enc[0].shape[0] == 5 and masks_enc[0].size(1) > config.min_context_patches
+    for image in range(5):
+        context = set(masks_enc[0][image].tolist())
+        targets = {index for mask in masks_pred for index in mask[image].tolist()}
+        assert not context & targets
+
+
+def test_bf16_attention_on_cpu_takes_the_explicit_path(monkeypatch):
+    """CPU flash attention is slow in bf16, so the model uses matmul + softmax there and SDPA in fp32."""
+    calls = []
+    original = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    model, batch = _model_and_batch()
+    with torch.no_grad():
+        fp32_loss = model(**batch).loss
+        assert len(calls) > 0
+        calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16_loss = model(**batch).loss
+    assert calls == []
+    assert bf16_loss.item() == pytest.approx(fp32_loss.item(), rel=0.05)
