@@ -174,9 +174,10 @@ class IJepaMaskCollator:
         self, generator: torch.Generator, scale: tuple[float, float], aspect_ratio: tuple[float, float]
     ) -> tuple[int, int]:
         rows, columns = self.grid_size
-        draw = torch.rand(2, generator=generator).tolist()
-        max_keep = int(rows * columns * (scale[0] + draw[0] * (scale[1] - scale[0])))
-        ratio = aspect_ratio[0] + draw[1] * (aspect_ratio[1] - aspect_ratio[0])
+        # As the authors' sampler: ONE uniform draw sets both the scale and the aspect ratio (larger blocks are taller).
+        draw = float(torch.rand(1, generator=generator))
+        max_keep = int(rows * columns * (scale[0] + draw * (scale[1] - scale[0])))
+        ratio = aspect_ratio[0] + draw * (aspect_ratio[1] - aspect_ratio[0])
         height = min(int(round(math.sqrt(max_keep * ratio))), rows - 1)
         width = min(int(round(math.sqrt(max_keep / ratio))), columns - 1)
         return height, width

@@ -187,3 +187,16 @@ def test_collating_a_large_batch_is_vectorised():
     start = time.perf_counter()
     collator(batch)
     assert time.perf_counter() - start < 1.0
+
+
+def test_block_size_uses_one_draw_for_scale_and_aspect_ratio():
+    """The authors' sampler draws one uniform number for both; independent draws would change the block shapes."""
+    import math
+
+    collator = IJepaMaskCollator(image_size=48, patch_size=4)
+    for seed in range(50):
+        height, width = collator._sample_block_size(torch.Generator().manual_seed(seed), (0.15, 0.2), (0.75, 1.5))
+        u = float(torch.rand(1, generator=torch.Generator().manual_seed(seed)))
+        keep = int(144 * (0.15 + u * 0.05))
+        ratio = 0.75 + u * 0.75
+        assert (height, width) == (min(round(math.sqrt(keep * ratio)), 11), min(round(math.sqrt(keep / ratio)), 11))
