@@ -99,16 +99,32 @@ class IJepaSelfAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, hidden_size, bias=config.qkv_bias)
         self.o_proj = nn.Linear(hidden_size, hidden_size)
 
+    def _can_fuse_qkv(self) -> bool:
+        """Plain, unhooked `nn.Linear` projections only: adapters (LoRA) or hooks on q/k/v must see their own calls."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        return all(
+            type(p) is nn.Linear and not (p._forward_hooks or p._forward_pre_hooks) and (p.bias is None) == (self.q_proj.bias is None)
+            for p in projections
+        )
+
     def forward(
         self, hidden_states: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`hidden_states`: `(batch_size, sequence_length, hidden_size)`; returns the same shape and, if asked,
         attention weights `(batch_size, num_heads, sequence_length, sequence_length)`."""
         batch_size, sequence_length, _ = hidden_states.shape
-        head_shape = (batch_size, sequence_length, self.num_attention_heads, self.head_dim)
-        query = self.q_proj(hidden_states).view(head_shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(head_shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(head_shape).transpose(1, 2)
+        if self._can_fuse_qkv():
+            # One matmul for q, k and v (weights concatenated on the fly; parameter names and files stay vanilla).
+            weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+            bias = None if self.q_proj.bias is None else torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+            qkv = F.linear(hidden_states, weight, bias)
+            qkv = qkv.view(batch_size, sequence_length, 3, self.num_attention_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            query, key, value = qkv.unbind(0)
+        else:
+            head_shape = (batch_size, sequence_length, self.num_attention_heads, self.head_dim)
+            query = self.q_proj(hidden_states).view(head_shape).transpose(1, 2)
+            key = self.k_proj(hidden_states).view(head_shape).transpose(1, 2)
+            value = self.v_proj(hidden_states).view(head_shape).transpose(1, 2)
         dropout = self.config.attention_probs_dropout_prob if self.training else 0.0
 
         attention_weights = None

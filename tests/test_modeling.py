@@ -405,3 +405,19 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(config, monkey
     assert checkpointed_gradients.keys() == plain_gradients.keys()
     for name, gradient in plain_gradients.items():
         torch.testing.assert_close(checkpointed_gradients[name], gradient, msg=name)
+
+
+def test_fused_qkv_projection_equals_separate_projections_and_respects_hooks():
+    torch.manual_seed(0)
+    model = IJepaModel(tiny_config()).eval()
+    images = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        fused = model(images).last_hidden_state
+    calls = []
+    attention = model.layers[0].attention
+    handle = attention.q_proj.register_forward_hook(lambda module, args, output: calls.append(output.shape))
+    with torch.no_grad():
+        separate = model(images).last_hidden_state
+    handle.remove()
+    assert calls, "a hooked q_proj must be called (no fused path around it)"
+    torch.testing.assert_close(fused, separate, rtol=0, atol=1e-5)
