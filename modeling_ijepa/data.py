@@ -354,22 +354,32 @@ class IJepaPretrainingCollator(_SkippingCollator):
 
 class ImageClassificationCollator(_SkippingCollator):
     """
-    Evaluation / fine-tuning batches: `pixel_values` and `labels`. With `augment`, a random-resized crop (scale 0.08-1)
-    and horizontal flip, seeded by `seed`; otherwise the processor's deterministic resize.
+    Evaluation / fine-tuning batches: `pixel_values` and `labels`. With `augment`, a random-resized crop (area fraction
+    in `crop_scale`) and, if `horizontal_flip`, a random horizontal flip, seeded by `seed`; otherwise the processor's
+    deterministic resize.
     """
 
-    def __init__(self, image_processor, augment: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        image_processor,
+        augment: bool = False,
+        seed: int = 0,
+        crop_scale: Sequence[float] = (0.08, 1.0),
+        horizontal_flip: bool = True,
+    ):
         super().__init__()
         self.image_processor = image_processor
         self.augment = augment
+        self.crop_scale = tuple(crop_scale)
+        self.horizontal_flip = horizontal_flip
         self.size = _processor_size(image_processor)
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         images, kept = self._decode(examples)
         if self.augment:
-            images = [random_resized_crop(image, self.size, self.generator, scale=(0.08, 1.0)) for image in images]
-            flips = torch.rand(len(images), generator=self.generator) < 0.5
+            images = [random_resized_crop(image, self.size, self.generator, scale=self.crop_scale) for image in images]
+            flips = (torch.rand(len(images), generator=self.generator) < 0.5) & self.horizontal_flip
             images = [image.transpose(Image.FLIP_LEFT_RIGHT) if flip else image for image, flip in zip(images, flips)]
         batch = {"pixel_values": _normalise(images, self.image_processor)}
         if "label" in kept[0]:

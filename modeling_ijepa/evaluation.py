@@ -278,6 +278,36 @@ def extract_features(
     return torch.cat(features), torch.cat(labels).long()
 
 
+class StandardizedLinear(nn.Module):
+    """
+    `linear((features - mean) / std)` with fixed statistics: a fine-tuning head that sees unit-scale features.
+
+    I-JEPA's average-pooled features share a large common component and vary little between images (on the digits,
+    a std of ~0.01 around a mean of ~0.8), so a plain linear head barely learns at fine-tuning learning rates. The
+    statistics are fixed (not running), so [`fold`] turns the head back into one exact `nn.Linear`, keeping saved
+    classifiers in the vanilla `IJepaForImageClassification` layout.
+    """
+
+    def __init__(self, linear: nn.Linear, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-6):
+        super().__init__()
+        self.linear = linear
+        self.register_buffer("mean", mean.detach().clone().float())
+        self.register_buffer("scale", 1.0 / (std.detach().float() + eps))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """`features` `(batch, hidden_size)` -> logits `(batch, num_labels)`."""
+        return self.linear((features - self.mean.to(features.dtype)) * self.scale.to(features.dtype))
+
+    @torch.no_grad()
+    def fold(self) -> nn.Linear:
+        """The equivalent plain `nn.Linear`: `W' = W * scale`, `b' = b - W' @ mean`."""
+        weight = self.linear.weight * self.scale
+        folded = nn.Linear(weight.shape[1], weight.shape[0]).to(weight.device, self.linear.weight.dtype)
+        folded.weight.copy_(weight)
+        folded.bias.copy_(self.linear.bias - weight @ self.mean)
+        return folded
+
+
 class LinearClassifierHead(nn.Module):
     """
     Linear probe head: an optional non-affine `BatchNorm1d` on the features (MAE's probe; it only standardises the

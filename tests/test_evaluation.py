@@ -305,3 +305,16 @@ def test_help_lists_every_option(script, capsys):
 def test_unknown_random_preset_lists_the_presets(tmp_path):
     with pytest.raises(ValueError, match="vit_micro_patch4_48"):
         load_script("knn_eval").main(["--model_name_or_path", "random:vit_nonexistent", "--output_dir", str(tmp_path)])
+
+
+def test_standardized_head_folds_into_an_exact_plain_linear():
+    from modeling_ijepa.evaluation import StandardizedLinear
+
+    torch.manual_seed(0)
+    features = 0.8 + 0.01 * torch.randn(32, 16)
+    head = StandardizedLinear(torch.nn.Linear(16, 5), features.mean(0), features.std(0))
+    standardized = (features - features.mean(0)) / (features.std(0) + 1e-6)
+    torch.testing.assert_close(head(features), head.linear(standardized))
+    folded = head.fold()
+    assert type(folded) is torch.nn.Linear
+    torch.testing.assert_close(folded(features), head(features), rtol=1e-4, atol=1e-4)

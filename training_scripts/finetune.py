@@ -24,6 +24,8 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from modeling_ijepa.data import ImageClassificationCollator
 from modeling_ijepa.evaluation import (
+    StandardizedLinear,
+    extract_features,
     DataArguments,
     ModelArguments,
     accuracy_metric_fn,
@@ -48,7 +50,18 @@ class FinetuneArguments:
         default=None,
         metadata={"help": "Layer-wise learning-rate decay in (0, 1], e.g. 0.75 (BEiT/MAE); unset: one rate for all."},
     )
-    augment: bool = field(default=True, metadata={"help": "Random-resized crop (scale 0.08-1) and horizontal flip."})
+    augment: bool = field(default=True, metadata={"help": "Random-resized crop and (optionally) horizontal flip."})
+    crop_scale_min: float = field(
+        default=0.3, metadata={"help": "Smallest crop area fraction (ImageNet fine-tuning recipes use 0.08)."}
+    )
+    horizontal_flip: bool = field(
+        default=False, metadata={"help": "Random horizontal flips (off by default: they change digits and text)."}
+    )
+    standardize_features: bool = field(
+        default=True,
+        metadata={"help": "Train the head on pooled features standardised with training-set statistics (folded into "
+                  "the saved linear head, so the checkpoint keeps the vanilla layout)."},
+    )
 
 
 @dataclass
@@ -123,12 +136,22 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_classifier(model_args, names, training_args.seed)
     image_processor = load_image_processor(model_args.model_name_or_path, model.config, model_args.cache_dir)
 
+    if finetune_args.standardize_features:
+        features, _ = extract_features(model.ijepa, train_dataset, image_processor, 128, 0, training_args.device)
+        model.classifier = StandardizedLinear(model.classifier, features.mean(dim=0), features.std(dim=0))
+
     trainer_kwargs = dict(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=ImageClassificationCollator(image_processor, augment=finetune_args.augment, seed=training_args.seed),
+        data_collator=ImageClassificationCollator(
+            image_processor,
+            augment=finetune_args.augment,
+            seed=training_args.seed,
+            crop_scale=(finetune_args.crop_scale_min, 1.0),
+            horizontal_flip=finetune_args.horizontal_flip,
+        ),
         processing_class=image_processor,
         compute_metrics=accuracy_metric_fn(),
     )
@@ -151,6 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
         "label_fraction": data_args.label_fraction,
         "model_name_or_path": model_args.model_name_or_path,
     }
+    if isinstance(model.classifier, StandardizedLinear):
+        model.classifier = model.classifier.fold()  # exact: same logits, vanilla `classifier` weights
     trainer.save_model()
     image_processor.save_pretrained(training_args.output_dir)
     save_metrics(training_args.output_dir, "finetune", metrics)
@@ -169,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{training_args.per_device_train_batch_size}, AdamW learning rate {training_args.learning_rate:g} "
             f"({getattr(training_args.lr_scheduler_type, 'value', training_args.lr_scheduler_type)} schedule), weight decay {training_args.weight_decay:g}, layer-wise "
             f"LR decay {finetune_args.layer_decay or 'none'}, augmentation "
-            f"{'random-resized crop + flip' if finetune_args.augment else 'none'}."
+            f"{'random-resized crop' + (' + flip' if finetune_args.horizontal_flip else '') if finetune_args.augment else 'none'}."
         ),
     )
     print(f"fine-tuning accuracy: {metrics['accuracy']:.4f} ({len(train_dataset)} training / "
