@@ -143,10 +143,11 @@ def class_names(dataset) -> list[str]:
     return [str(v) for v in values]
 
 
-def load_classification_datasets(data_args: DataArguments, seed: int = 0, image_size: int = 48):
+def load_classification_datasets(data_args: DataArguments, seed: int = 0, image_size: int | Sequence[int] = 48):
     """
     The training and evaluation `datasets.Dataset`s (columns `image`, `label`), after `max_*_samples` and then
-    `label_fraction` (class-balanced, seeded by `seed`) are applied to the training split.
+    `label_fraction` (class-balanced, seeded by `seed`) are applied to the training split. `image_size` is a model
+    config's value (an int or a `(height, width)` pair); it sizes the embedded digits default.
 
     Returns:
         `(train_dataset, eval_dataset, class_names)`.
@@ -156,7 +157,7 @@ def load_classification_datasets(data_args: DataArguments, seed: int = 0, image_
         dataset_config_name=data_args.dataset_config_name,
         image_column=data_args.image_column,
         label_column=data_args.label_column,
-        image_size=image_size,
+        image_size=_square_size(image_size),
     )
     if data_args.dataset_name:
         train = load_image_dataset(split=data_args.train_split, **common)
@@ -551,6 +552,23 @@ or `pipeline("image-classification", model="{output_dir.as_posix()}")`.
     return path
 
 
+def classification_metrics(
+    evaluation: dict, train_result, train_dataset, eval_dataset, names: list[str], data_args: DataArguments,
+    model_args: ModelArguments,
+) -> dict:
+    """The metrics a Trainer-based evaluation script reports: accuracy and losses, data sizes and what was evaluated."""
+    return {
+        "accuracy": evaluation["eval_accuracy"],
+        "eval_loss": evaluation["eval_loss"],
+        "train_loss": train_result.training_loss,
+        "num_train_samples": len(train_dataset),
+        "num_eval_samples": len(eval_dataset),
+        "num_classes": len(names),
+        "label_fraction": data_args.label_fraction,
+        "model_name_or_path": model_args.model_name_or_path,
+    }
+
+
 def save_metrics(output_dir: str | Path, name: str, metrics: dict) -> Path:
     """Write `metrics` to `output_dir/<name>_results.json`."""
     output_dir = Path(output_dir)
@@ -582,5 +600,6 @@ __all__ = [
     "encoder_layer_id",
     "layer_decay_parameter_groups",
     "write_model_card",
+    "classification_metrics",
     "save_metrics",
 ]

@@ -29,6 +29,7 @@ from modeling_ijepa.evaluation import (
     DataArguments,
     ModelArguments,
     accuracy_metric_fn,
+    classification_metrics,
     layer_decay_parameter_groups,
     load_classification_datasets,
     load_image_processor,
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         image_size = AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir).image_size
     train_dataset, eval_dataset, names = load_classification_datasets(
-        data_args, seed=training_args.seed, image_size=image_size if isinstance(image_size, int) else image_size[0]
+        data_args, seed=training_args.seed, image_size=image_size
     )
     model = load_classifier(model_args, names, training_args.seed)
     image_processor = load_image_processor(model_args.model_name_or_path, model.config, model_args.cache_dir)
@@ -164,16 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.data_collator = ImageClassificationCollator(image_processor, augment=False)
     evaluation = trainer.evaluate()
 
-    metrics = {
-        "accuracy": evaluation["eval_accuracy"],
-        "eval_loss": evaluation["eval_loss"],
-        "train_loss": train_result.training_loss,
-        "num_train_samples": len(train_dataset),
-        "num_eval_samples": len(eval_dataset),
-        "num_classes": len(names),
-        "label_fraction": data_args.label_fraction,
-        "model_name_or_path": model_args.model_name_or_path,
-    }
+    metrics = classification_metrics(evaluation, train_result, train_dataset, eval_dataset, names, data_args, model_args)
     if isinstance(model.classifier, StandardizedLinear):
         model.classifier = model.classifier.fold()  # exact: same logits, vanilla `classifier` weights
     trainer.save_model()

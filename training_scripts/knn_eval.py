@@ -62,9 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     encoder, image_processor = load_encoder(model_args.model_name_or_path, knn_args.seed, model_args.cache_dir)
     freeze(encoder).to(device)
-    image_size = encoder.config.image_size
     train_dataset, eval_dataset, names = load_classification_datasets(
-        data_args, seed=knn_args.seed, image_size=image_size if isinstance(image_size, int) else image_size[0]
+        data_args, seed=knn_args.seed, image_size=encoder.config.image_size
     )
     extract = dict(batch_size=knn_args.batch_size, num_workers=knn_args.dataloader_num_workers, device=device)
     train_features, train_labels = extract_features(encoder, train_dataset, image_processor, **extract)

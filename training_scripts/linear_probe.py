@@ -30,6 +30,7 @@ from modeling_ijepa.evaluation import (
     LinearClassifierHead,
     ModelArguments,
     accuracy_metric_fn,
+    classification_metrics,
     extract_features,
     freeze,
     load_classification_datasets,
@@ -84,9 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     encoder, image_processor = load_encoder(model_args.model_name_or_path, training_args.seed, model_args.cache_dir)
     freeze(encoder).to(training_args.device)
-    image_size = encoder.config.image_size
     train_dataset, eval_dataset, names = load_classification_datasets(
-        data_args, seed=training_args.seed, image_size=image_size if isinstance(image_size, int) else image_size[0]
+        data_args, seed=training_args.seed, image_size=encoder.config.image_size
     )
     head = LinearClassifierHead(encoder.config.hidden_size, len(names), batch_norm=probe_args.head_batchnorm)
 
@@ -116,16 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     evaluation = trainer.evaluate()
     trainer.save_model()
 
-    metrics = {
-        "accuracy": evaluation["eval_accuracy"],
-        "eval_loss": evaluation["eval_loss"],
-        "train_loss": train_result.training_loss,
-        "num_train_samples": len(train_dataset),
-        "num_eval_samples": len(eval_dataset),
-        "num_classes": len(names),
-        "label_fraction": data_args.label_fraction,
-        "model_name_or_path": model_args.model_name_or_path,
-    }
+    metrics = classification_metrics(evaluation, train_result, train_dataset, eval_dataset, names, data_args, model_args)
     save_metrics(training_args.output_dir, "linear_probe", metrics)
     print(f"linear probe accuracy: {metrics['accuracy']:.4f} ({len(train_dataset)} training / "
           f"{len(eval_dataset)} evaluation images, {len(names)} classes)")
