@@ -50,6 +50,7 @@ from reference_ijepa import (  # noqa: E402
 
 from modeling_ijepa import IJepaConfig, IJepaForPreTraining  # noqa: E402
 from modeling_ijepa.masking import IJepaMaskCollator  # noqa: E402
+from modeling_ijepa.trainer import ijepa_optimizer  # noqa: E402
 
 DEFAULT_MODELS = ("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224")
 SHORT_NAMES = {"vit-t": "vit_tiny_patch16_224", "vit-s": "vit_small_patch16_224", "vit-b": "vit_base_patch16_224"}
@@ -183,16 +184,8 @@ def state_bytes(modules: list[torch.nn.Module], optimizer: torch.optim.Optimizer
 # The two implementations
 # ---------------------------------------------------------------------------------------------------------------------
 def our_optimizer(model: IJepaForPreTraining, device: torch.device, lr: float = 1e-3, weight_decay: float = 0.04):
-    """AdamW over encoder + predictor (no decay on biases and 1-D parameters): fused on CUDA, foreach on CPU."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decayed = [p for n, p in named if "bias" not in n and p.ndim != 1]
-    not_decayed = [p for n, p in named if "bias" in n or p.ndim == 1]
-    implementation = {"fused": True}
-    return torch.optim.AdamW(
-        [{"params": decayed, "weight_decay": weight_decay}, {"params": not_decayed, "weight_decay": 0.0}],
-        lr=lr,
-        **implementation,
-    )
+    """The optimiser `IJepaTrainer` builds: AdamW over encoder + predictor, no decay on biases and 1-D parameters."""
+    return ijepa_optimizer(model, device_type=device.type, lr=lr, weight_decay=weight_decay)
 
 
 def our_train_step(model, forward, optimizer, batch: dict, momentum: float, bf16: bool) -> float:

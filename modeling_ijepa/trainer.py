@@ -57,6 +57,33 @@ def effective_rank(features: torch.Tensor) -> float:
     return float(torch.exp(entropy))
 
 
+def ijepa_optimizer(
+    model: torch.nn.Module,
+    device_type: str,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
+    """
+    AdamW over the trainable parameters (the target encoder and fixed position embeddings have none): one group with
+    `weight_decay` (flagged `ijepa_weight_decay`, which the schedule updates), one without decay for biases, norms and
+    other 1-D parameters. Fused where torch has the kernel (CUDA, CPU, MPS, XPU; on CPU ~9x faster than foreach, ViT-B).
+    """
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim <= 1 or name.endswith(".bias") else decay).append(parameter)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "ijepa_weight_decay": True},
+        {"params": no_decay, "weight_decay": 0.0, "ijepa_weight_decay": False},
+    ]
+    fused = device_type in ("cuda", "cpu", "mps", "xpu")
+    return torch.optim.AdamW(
+        groups, lr=lr, betas=betas, eps=eps, fused=fused or None, foreach=None if fused else True
+    )
+
+
 # ------------------------------------------------------------------------------------------------------------------
 @dataclass
 class IJepaTrainingArguments(TrainingArguments):
@@ -126,25 +153,13 @@ class IJepaTrainer(Trainer):
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:
-            opt_model = self.model if model is None else model
-            decay, no_decay = [], []
-            for name, parameter in opt_model.named_parameters():
-                if not parameter.requires_grad:  # the target encoder and the fixed position embeddings
-                    continue
-                (no_decay if parameter.ndim <= 1 or name.endswith(".bias") else decay).append(parameter)
-            groups = [
-                {"params": decay, "weight_decay": self.args.weight_decay, "ijepa_weight_decay": True},
-                {"params": no_decay, "weight_decay": 0.0, "ijepa_weight_decay": False},
-            ]
-            # Fused AdamW exists for CUDA, CPU, MPS and XPU; on CPU it is ~9x faster than the foreach path (ViT-B).
-            fused = self.args.device.type in ("cuda", "cpu", "mps", "xpu")
-            self.optimizer = torch.optim.AdamW(
-                groups,
+            self.optimizer = ijepa_optimizer(
+                self.model if model is None else model,
+                device_type=self.args.device.type,
                 lr=self.args.learning_rate,
+                weight_decay=self.args.weight_decay,
                 betas=(self.args.adam_beta1, self.args.adam_beta2),
                 eps=self.args.adam_epsilon,
-                fused=fused or None,
-                foreach=None if fused else True,
             )
         return self.optimizer
 
@@ -315,6 +330,7 @@ class IJepaTrainer(Trainer):
 __all__ = [
     "IJepaTrainer",
     "IJepaTrainingArguments",
+    "ijepa_optimizer",
     "ijepa_learning_rate",
     "ijepa_weight_decay",
     "ijepa_ema_momentum",
