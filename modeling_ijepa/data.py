@@ -165,8 +165,9 @@ def _standardise_columns(dataset, image_column: str | None, label_column: str | 
     label_column = label_column or next((c for c in LABEL_COLUMN_CANDIDATES if c in columns), None)
     if label_column is not None and label_column not in columns:
         raise ValueError(f"Label column {label_column!r} not found; the dataset has columns {columns}.")
+    # Decoding inside `datasets` would crash the run on the first corrupt file; our collators skip it instead. It must
+    # be off before the renames below: streams apply every step lazily, and their inner steps would decode.
     if isinstance(dataset, datasets.IterableDataset):
-        # Streams apply every step lazily: decoding must be off before the renames below, or their inner steps decode.
         dataset = dataset.decode(False)
     if dataset.features is not None and isinstance(dataset.features.get(image_column), datasets.Image):
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
@@ -174,10 +175,6 @@ def _standardise_columns(dataset, image_column: str | None, label_column: str | 
     if label_column:
         renames[label_column] = "label"
     dataset = dataset.rename_columns({k: v for k, v in renames.items() if k != v})
-    features = dataset.features
-    if features is not None and isinstance(features.get("image"), datasets.Image):
-        # Decoding inside `datasets` would crash the run on the first corrupt file; our collators skip it instead.
-        dataset = dataset.cast_column("image", datasets.Image(decode=False))
     keep = [c for c in ("image", "label") if c in (dataset.column_names or ["image", "label"])]
     if dataset.column_names and set(dataset.column_names) - set(keep):
         dataset = dataset.select_columns(keep)
