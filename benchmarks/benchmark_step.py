@@ -5,7 +5,8 @@ backward, AdamW step and EMA update of the target encoder. For each model preset
 `IJepaForPreTraining`, copies its weights into the reference of `reference_ijepa.py`, checks that both give the same
 fp32 loss on the same batch and masks, then times warm-up + repeated steps of both in the same process (interleaved)
 and prints images/s, ms/step, peak memory and model FLOP utilisation (MFU): analytic matmul FLOPs per step divided by
-the step time and by the peak FLOP/s of a large matmul of the same dtype, measured around every timed step. The mask
+the step time and by the peak FLOP/s of a large matmul of the same dtype, measured around every timed step. Speed
+ratios are paired: the median over rounds of the ratio of two steps timed back to back in the same round. The mask
 collators are timed too.
 
 Ours runs as a user would run it: SDPA attention (the model itself takes matmul + softmax for bf16 on CPU), fused
@@ -362,7 +363,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="presets, or vit-t / vit-s / vit-b")
     parser.add_argument("--batch_size", type=int, default=None, help="images per step (default 16 on CPU, 128 on CUDA)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per implementation and dtype (median shown)")
+    parser.add_argument("--steps", type=int, default=3, help="timed rounds; a round times every implementation and dtype once, back to back (medians shown)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing, per dtype")
     parser.add_argument(
         "--dtype", choices=["fp32", "bf16", "both"], default="both", help="fp32, bf16 autocast, or both (fp32 first)"
@@ -465,10 +466,19 @@ def main(argv=None) -> None:
         for dtype in args.dtypes:
             ours, ref = by_key.get((model_name, "ours", dtype)), by_key.get((model_name, "reference", dtype))
             if ours and ref:
-                parts.append(f"ours/reference speed {dtype} {ref.seconds / ours.seconds:.2f}x")
+                # Paired: each round times ours and the reference back to back, so a ratio per round cancels the slow
+                # drifts of a shared machine's speed; the median over rounds is reported, with the range.
+                ratios = sorted(r / o for o, r in zip(ours.step_seconds, ref.step_seconds))
+                parts.append(
+                    f"ours/reference speed {dtype} {statistics.median(ratios):.2f}x "
+                    f"(rounds {ratios[0]:.2f}-{ratios[-1]:.2f})"
+                )
         ours32, ours16 = by_key.get((model_name, "ours", "fp32")), by_key.get((model_name, "ours", "bf16"))
         if ours32 and ours16:
-            parts.append(f"ours bf16/fp32 speed-up {ours32.seconds / ours16.seconds:.2f}x")
+            ratios = sorted(t32 / t16 for t32, t16 in zip(ours32.step_seconds, ours16.step_seconds))
+            parts.append(
+                f"ours bf16/fp32 speed-up {statistics.median(ratios):.2f}x (rounds {ratios[0]:.2f}-{ratios[-1]:.2f})"
+            )
         if ours32:
             parts.append(f"ours fp32 MFU {ours32.mfu:.1%}")
         print(f"{model_name}: " + "; ".join(parts))
