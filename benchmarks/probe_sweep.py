@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""
+How much of the linear-probe margin over random init depends on the probe's regularisation, on the embedded digits.
+
+For every pre-trained encoder given and for the same architecture at random initialisation (one network per seed), the
+average-pooled features of the digits train / test split are standardised with training statistics and fitted with an
+L2-regularised logistic regression (scikit-learn, L-BFGS, run to convergence) at several inverse strengths `C`. The
+table shows test accuracy per encoder and `C`, and per `C` the margin (mean pre-trained - mean random) against the
+seed-to-seed spread (largest max-min range of either group), the quantities `learning_check.py` compares.
+
+    python benchmarks/learning_check.py      # writes outputs/learning_check/seed{0,1,2}/pretrain
+    python benchmarks/probe_sweep.py --pretrained outputs/learning_check/seed{0,1,2}/pretrain --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def encoder_features(model_name_or_path: str, seed: int, datasets, random_init: bool) -> tuple[np.ndarray, ...]:
+    """
+    Standardised `(train_x, train_y, test_x, test_y)` of one encoder (statistics from the training split): the saved
+    encoder, or with `random_init` a fresh network of its configuration initialised under `seed`.
+    """
+    import torch
+
+    from modeling_ijepa import IJepaConfig, IJepaModel
+    from modeling_ijepa.evaluation import extract_features, freeze, load_encoder, load_image_processor
+
+    if random_init:
+        config = IJepaConfig.from_pretrained(model_name_or_path)
+        torch.manual_seed(seed)  # as `load_encoder("random:<preset>", seed)`, which the learning check uses
+        encoder, image_processor = IJepaModel(config), load_image_processor(model_name_or_path, config)
+    else:
+        encoder, image_processor = load_encoder(model_name_or_path, seed)
+    freeze(encoder)
+    train_x, train_y = extract_features(encoder, datasets["train"], image_processor)
+    test_x, test_y = extract_features(encoder, datasets["test"], image_processor)
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-12)
+    return ((train_x - mean) / std).numpy(), train_y.numpy(), ((test_x - mean) / std).numpy(), test_y.numpy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pretrained", nargs="+", required=True, help="Pre-trained encoder folders (AutoModel).")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Seeds of the random-init networks.")
+    parser.add_argument("--C", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0, 100.0], dest="inverse_strengths")
+    args = parser.parse_args(argv)
+
+    from sklearn.linear_model import LogisticRegression
+    from transformers import AutoConfig
+
+    from modeling_ijepa.data import load_digits_dataset
+
+    config = AutoConfig.from_pretrained(args.pretrained[0])
+    image_size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    datasets = load_digits_dataset(image_size)
+    encoders = [("pretrained", path, seed) for path, seed in zip(args.pretrained, args.seeds)]
+    encoders += [("random", args.pretrained[0], seed) for seed in args.seeds]
+
+    accuracy: dict[tuple[str, int], list[float]] = {}
+    for kind, name, seed in encoders:
+        train_x, train_y, test_x, test_y = encoder_features(name, seed, datasets, random_init=kind == "random")
+        row = []
+        for c in args.inverse_strengths:
+            probe = LogisticRegression(C=c, max_iter=10000).fit(train_x, train_y)
+            row.append(100.0 * probe.score(test_x, test_y))
+        accuracy[kind, seed] = row
+        print(f"{kind:<10} seed {seed}: " + "  ".join(f"C={c:g} {a:.1f}" for c, a in zip(args.inverse_strengths, row)), flush=True)
+
+    print("\n| C | " + " | ".join(f"pre-trained s{s}" for s in args.seeds[: len(args.pretrained)])
+          + " | " + " | ".join(f"random s{s}" for s in args.seeds) + " | margin | spread |")
+    print("|---" * (3 + len(args.pretrained) + len(args.seeds)) + "|")
+    for index, c in enumerate(args.inverse_strengths):
+        groups = {kind: [accuracy[kind, s][index] for k, s in accuracy if k == kind] for kind in ("pretrained", "random")}
+        margin = statistics.mean(groups["pretrained"]) - statistics.mean(groups["random"])
+        spread = max(max(v) - min(v) for v in groups.values())
+        cells = " | ".join(f"{a:.1f}" for a in groups["pretrained"] + groups["random"])
+        print(f"| {c:g} | {cells} | {margin:+.1f} | {spread:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
