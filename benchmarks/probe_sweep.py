@@ -6,7 +6,8 @@ For every pre-trained encoder given and for the same architecture at random init
 average-pooled features of the digits train / test split are standardised with training statistics and fitted with an
 L2-regularised logistic regression (scikit-learn, L-BFGS, run to convergence) at several inverse strengths `C`. The
 table shows test accuracy per encoder and `C`, and per `C` the margin (mean pre-trained - mean random) against the
-seed-to-seed spread (largest max-min range of either group), the quantities `learning_check.py` compares.
+seed-to-seed spread (largest max-min range of either group), the quantities `learning_check.py` compares, and the
+same regression on the 64 raw 8x8 pixel values as a floor any useful encoder should reach.
 
     python benchmarks/learning_check.py      # writes outputs/learning_check/seed{0,1,2}/pretrain
     python benchmarks/probe_sweep.py --pretrained outputs/learning_check/seed{0,1,2}/pretrain --seeds 0 1 2
@@ -47,6 +48,19 @@ def encoder_features(model_name_or_path: str, seed: int, datasets, random_init: 
     return ((train_x - mean) / std).numpy(), train_y.numpy(), ((test_x - mean) / std).numpy(), test_y.numpy()
 
 
+def raw_pixel_features() -> tuple[np.ndarray, ...]:
+    """The digits' 64 raw 8x8 pixel values on the same train / test split, standardised like the encoder features."""
+    from sklearn.datasets import load_digits
+
+    from modeling_ijepa.data import digits_split
+
+    digits = load_digits()
+    train_index, test_index = (np.sort(index) for index in digits_split(digits.target))
+    train_x, test_x = digits.data[train_index], digits.data[test_index]
+    mean, std = train_x.mean(0), np.maximum(train_x.std(0), 1e-12)
+    return (train_x - mean) / std, digits.target[train_index], (test_x - mean) / std, digits.target[test_index]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrained", nargs="+", required=True, help="Pre-trained encoder folders (AutoModel).")
@@ -75,15 +89,20 @@ def main(argv: list[str] | None = None) -> int:
         accuracy[kind, seed] = row
         print(f"{kind:<10} seed {seed}: " + "  ".join(f"C={c:g} {a:.1f}" for c, a in zip(args.inverse_strengths, row)), flush=True)
 
+    train_x, train_y, test_x, test_y = raw_pixel_features()
+    raw = [100.0 * LogisticRegression(C=c, max_iter=10000).fit(train_x, train_y).score(test_x, test_y)
+           for c in args.inverse_strengths]
+    print("raw 8x8 pixels (no encoder): " + "  ".join(f"C={c:g} {a:.1f}" for c, a in zip(args.inverse_strengths, raw)))
+
     print("\n| C | " + " | ".join(f"pre-trained s{s}" for s in args.seeds[: len(args.pretrained)])
-          + " | " + " | ".join(f"random s{s}" for s in args.seeds) + " | margin | spread |")
-    print("|---" * (3 + len(args.pretrained) + len(args.seeds)) + "|")
+          + " | " + " | ".join(f"random s{s}" for s in args.seeds) + " | margin | spread | raw pixels |")
+    print("|---" * (4 + len(args.pretrained) + len(args.seeds)) + "|")
     for index, c in enumerate(args.inverse_strengths):
         groups = {kind: [accuracy[kind, s][index] for k, s in accuracy if k == kind] for kind in ("pretrained", "random")}
         margin = statistics.mean(groups["pretrained"]) - statistics.mean(groups["random"])
         spread = max(max(v) - min(v) for v in groups.values())
         cells = " | ".join(f"{a:.1f}" for a in groups["pretrained"] + groups["random"])
-        print(f"| {c:g} | {cells} | {margin:+.1f} | {spread:.1f} |")
+        print(f"| {c:g} | {cells} | {margin:+.1f} | {spread:.1f} | {raw[index]:.1f} |")
     return 0
 
 
