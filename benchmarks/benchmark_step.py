@@ -363,7 +363,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="presets, or vit-t / vit-s / vit-b")
     parser.add_argument("--batch_size", type=int, default=None, help="images per step (default 16 on CPU, 128 on CUDA)")
-    parser.add_argument("--steps", type=int, default=3, help="timed rounds; a round times every implementation and dtype once, back to back (medians shown)")
+    parser.add_argument(
+        "--steps", type=int, default=4,
+        help="timed rounds; a round times every implementation and dtype once, back to back (medians shown)",
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing, per dtype")
     parser.add_argument(
         "--dtype", choices=["fp32", "bf16", "both"], default="both", help="fp32, bf16 autocast, or both (fp32 first)"
