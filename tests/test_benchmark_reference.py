@@ -151,3 +151,23 @@ def test_bf16_attention_on_cpu_takes_the_explicit_path(monkeypatch):
             bf16_loss = model(**batch).loss
     assert calls == []
     assert bf16_loss.item() == pytest.approx(fp32_loss.item(), rel=0.05)
+
+
+def test_bf16_explicit_attention_matches_fp32_sdpa_with_gradients():
+    """The bf16 CPU path (scaled query, bf16 softmax) computes attention and its input gradient like fp32 SDPA."""
+    from modeling_ijepa.modeling_ijepa import IJepaSelfAttention
+
+    config = tiny_config(hidden_size=64, num_attention_heads=4)
+    attention = IJepaSelfAttention(config, config.hidden_size, config.num_attention_heads)
+    hidden_states = torch.randn(3, 50, config.hidden_size)
+    results = {}
+    for dtype in ("fp32", "bf16"):
+        inputs = hidden_states.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            output, _ = attention(inputs)
+        output.float().pow(2).sum().backward()
+        results[dtype] = (output.float().detach(), inputs.grad)
+    (out32, grad32), (out16, grad16) = results["fp32"], results["bf16"]
+    assert out16.dtype == torch.float32 and not torch.equal(out16, out32)  # bf16 really ran
+    assert (out16 - out32).norm() / out32.norm() < 2e-2
+    assert (grad16 - grad32).norm() / grad32.norm() < 3e-2
