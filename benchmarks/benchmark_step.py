@@ -234,6 +234,15 @@ class Timing:
         return self.achieved_flops / self.peak_flops
 
 
+def paired_speedup(slower: Timing, faster: Timing) -> str:
+    """
+    How much faster `faster` ran than `slower`, paired by round: each round times both back to back, so the ratio
+    within a round cancels the slow drifts of a shared machine's speed. The median over rounds, with the range.
+    """
+    ratios = sorted(s / f for s, f in zip(slower.step_seconds, faster.step_seconds))
+    return f"{statistics.median(ratios):.2f}x (rounds {ratios[0]:.2f}-{ratios[-1]:.2f})"
+
+
 def time_step(run_step, timing: Timing, meter: MemoryMeter, device: torch.device, state: int) -> None:
     """
     Time one call of `run_step`, record the peak memory it reached (`state` bytes plus what it added) and the matmul
@@ -469,19 +478,10 @@ def main(argv=None) -> None:
         for dtype in args.dtypes:
             ours, ref = by_key.get((model_name, "ours", dtype)), by_key.get((model_name, "reference", dtype))
             if ours and ref:
-                # Paired: each round times ours and the reference back to back, so a ratio per round cancels the slow
-                # drifts of a shared machine's speed; the median over rounds is reported, with the range.
-                ratios = sorted(r / o for o, r in zip(ours.step_seconds, ref.step_seconds))
-                parts.append(
-                    f"ours/reference speed {dtype} {statistics.median(ratios):.2f}x "
-                    f"(rounds {ratios[0]:.2f}-{ratios[-1]:.2f})"
-                )
+                parts.append(f"ours/reference speed {dtype} {paired_speedup(ref, ours)}")
         ours32, ours16 = by_key.get((model_name, "ours", "fp32")), by_key.get((model_name, "ours", "bf16"))
         if ours32 and ours16:
-            ratios = sorted(t32 / t16 for t32, t16 in zip(ours32.step_seconds, ours16.step_seconds))
-            parts.append(
-                f"ours bf16/fp32 speed-up {statistics.median(ratios):.2f}x (rounds {ratios[0]:.2f}-{ratios[-1]:.2f})"
-            )
+            parts.append(f"ours bf16/fp32 speed-up {paired_speedup(ours32, ours16)}")
         if ours32:
             parts.append(f"ours fp32 MFU {ours32.mfu:.1%}")
         print(f"{model_name}: " + "; ".join(parts))
