@@ -25,27 +25,25 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def standardise(train_x: np.ndarray, test_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both splits standardised per feature with the training split's mean and (sample) standard deviation."""
+    mean, std = train_x.mean(0), np.maximum(train_x.std(0, ddof=1), 1e-12)
+    return (train_x - mean) / std, (test_x - mean) / std
+
+
 def encoder_features(model_name_or_path: str, seed: int, datasets, random_init: bool) -> tuple[np.ndarray, ...]:
     """
-    Standardised `(train_x, train_y, test_x, test_y)` of one encoder (statistics from the training split): the saved
-    encoder, or with `random_init` a fresh network of its configuration initialised under `seed`.
+    Standardised `(train_x, train_y, test_x, test_y)` of one encoder: the saved encoder, or with `random_init` a fresh
+    network of its configuration initialised under `seed` (the network `learning_check.py` probes as random init).
     """
-    import torch
+    from modeling_ijepa.evaluation import extract_features, freeze, load_encoder
 
-    from modeling_ijepa import IJepaConfig, IJepaModel
-    from modeling_ijepa.evaluation import extract_features, freeze, load_encoder, load_image_processor
-
-    if random_init:
-        config = IJepaConfig.from_pretrained(model_name_or_path)
-        torch.manual_seed(seed)  # as `load_encoder("random:<preset>", seed)`, which the learning check uses
-        encoder, image_processor = IJepaModel(config), load_image_processor(model_name_or_path, config)
-    else:
-        encoder, image_processor = load_encoder(model_name_or_path, seed)
+    encoder, image_processor = load_encoder(model_name_or_path, seed, random_init=random_init)
     freeze(encoder)
     train_x, train_y = extract_features(encoder, datasets["train"], image_processor)
     test_x, test_y = extract_features(encoder, datasets["test"], image_processor)
-    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-12)
-    return ((train_x - mean) / std).numpy(), train_y.numpy(), ((test_x - mean) / std).numpy(), test_y.numpy()
+    train_x, test_x = standardise(train_x.numpy(), test_x.numpy())
+    return train_x, train_y.numpy(), test_x, test_y.numpy()
 
 
 def raw_pixel_features() -> tuple[np.ndarray, ...]:
@@ -56,9 +54,8 @@ def raw_pixel_features() -> tuple[np.ndarray, ...]:
 
     digits = load_digits()
     train_index, test_index = (np.sort(index) for index in digits_split(digits.target))
-    train_x, test_x = digits.data[train_index], digits.data[test_index]
-    mean, std = train_x.mean(0), np.maximum(train_x.std(0), 1e-12)
-    return (train_x - mean) / std, digits.target[train_index], (test_x - mean) / std, digits.target[test_index]
+    train_x, test_x = standardise(digits.data[train_index], digits.data[test_index])
+    return train_x, digits.target[train_index], test_x, digits.target[test_index]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -214,13 +214,17 @@ def load_image_processor(model_name_or_path: str, config, cache_dir: str | None 
     return processor
 
 
-def load_encoder(model_name_or_path: str, seed: int = 0, cache_dir: str | None = None) -> tuple[nn.Module, object]:
+def load_encoder(
+    model_name_or_path: str, seed: int = 0, cache_dir: str | None = None, random_init: bool = False
+) -> tuple[nn.Module, object]:
     """
     Load an encoder and its image processor.
 
     `model_name_or_path` is a checkpoint directory or hub id read with `transformers.AutoModel` (our checkpoints,
     vanilla transformers IJepa ones, or a pre-training checkpoint, whose EMA target encoder is returned), or
-    `random:<preset>`: a fresh [`IJepaModel`] of `IJepaConfig.from_preset(preset)`, initialised under `seed`.
+    `random:<preset>`: a fresh [`IJepaModel`] of `IJepaConfig.from_preset(preset)`, initialised under `seed`. With
+    `random_init`, a checkpoint's configuration is used the same way: a fresh network of its architecture, seeded by
+    `seed`, with the checkpoint's image processor.
 
     Returns:
         `(encoder, image_processor)`.
@@ -230,6 +234,8 @@ def load_encoder(model_name_or_path: str, seed: int = 0, cache_dir: str | None =
     from .modeling_ijepa import IJepaModel
 
     config = random_init_config(model_name_or_path)
+    if config is None and random_init:
+        config = IJepaConfig.from_pretrained(model_name_or_path, cache_dir=cache_dir)
     if config is not None:
         torch.manual_seed(seed)
         encoder = IJepaModel(config)
