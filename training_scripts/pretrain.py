@@ -163,7 +163,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
             names = {f.name for f in fields(dtype) if f.init}
             outputs.append(dtype(**{k: v for k, v in values.items() if k in names}))
     except ValueError as error:  # raised by the dataclasses' own validation (e.g. TrainingArguments)
-        hint = " The official recipes use bf16: on a machine without a GPU add --use_cpu true." if "bf16" in str(error) else ""
+        # Without an accelerator `use_cpu` is already on (bf16 autocast works there), so a bf16 error means a device
+        # without bf16 support.
+        hint = " The official recipes use bf16: on hardware without bf16 pass --bf16 false." if "bf16" in str(error) else ""
         parser.error(f"{error}{hint}")
     model_args, data_args, training_args = outputs
     if not 0.0 < data_args.crop_scale_min <= data_args.crop_scale_max <= 1.0:
