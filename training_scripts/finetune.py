@@ -125,14 +125,13 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(training_args.seed)
 
-    if model_args.model_name_or_path.startswith("random:"):
-        image_size = random_init_config(model_args.model_name_or_path).image_size
-    else:
+    config = random_init_config(model_args.model_name_or_path)
+    if config is None:
         from transformers import AutoConfig
 
-        image_size = AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir).image_size
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
     train_dataset, eval_dataset, names = load_classification_datasets(
-        data_args, seed=training_args.seed, image_size=image_size
+        data_args, seed=training_args.seed, image_size=config.image_size
     )
     model = load_classifier(model_args, names, training_args.seed)
     image_processor = load_image_processor(model_args.model_name_or_path, model.config, model_args.cache_dir)
