@@ -109,6 +109,20 @@ def test_embedded_digits_are_real_images():
     assert image.size == (48, 48) and np.asarray(image).std() > 20
 
 
+def test_embedded_digits_are_dark_ink_on_white():
+    from sklearn.datasets import load_digits
+
+    from modeling_ijepa.data import digits_split
+
+    raw = load_digits()
+    train_index = np.sort(digits_split(raw.target)[0])
+    pixels = np.stack([np.asarray(image.convert("L")) for image in load_digits_dataset(8)["train"]["image"]])
+    # At the native 8x8 size the rendering is exact: blank paper (0 ink) is white, full ink (16) is black.
+    expected = 255 - np.round(raw.images[train_index] / 16 * 255)
+    np.testing.assert_array_equal(pixels, expected)
+    assert np.median(pixels[:, :, 0]) == 255 and pixels.min() == 0  # the left margin is blank paper
+
+
 def test_missing_image_column_names_the_fix(tmp_path):
     table = datasets.Dataset.from_dict({"pixels": [1, 2], "label": [0, 1]})
     table.to_parquet(str(tmp_path / "data.parquet"))
