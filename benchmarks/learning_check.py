@@ -8,13 +8,22 @@ seeds, with the project's own scripts (`training_scripts/{pretrain,linear_probe,
 
 Prints a table (per seed and summary) and exits with status 1 unless the pre-trained encoder beats random init by more
 than the seed-to-seed spread on both evaluations (spread = the largest max-min range over seeds of either encoder).
+
+How much the verdict depends on the seeds: run more seeds, then combine the results of several runs. For every subset
+of `--subset_size` seeds, the check is applied as if those seeds had been run alone, and the passing subsets counted:
+
+    python benchmarks/learning_check.py --seeds 3 4 5 --output_dir outputs/learning_check_345
+    python benchmarks/learning_check.py --combine outputs/learning_check/learning_check.json \
+        outputs/learning_check_345/learning_check.json
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
+import math
 import os
 import statistics
 import sys
@@ -39,13 +48,103 @@ def evaluate_encoder(model: str, seed: int, output_dir: Path, probe, knn) -> dic
     return {"linear": 100.0 * linear["accuracy"], "knn": 100.0 * neighbours["accuracy"]}
 
 
+METRICS = (("linear", "linear probe (%)"), ("knn", "20-NN (%)"))
+
+
+def verdicts_for(rows: list[dict]) -> dict[str, dict]:
+    """
+    The check on per-seed results `rows` (`{"seed", "pretrained": {metric: %}, "random": {metric: %}}`): per metric,
+    the mean gain of the pre-trained encoder over random init, the spread (largest max-min range over seeds of either
+    encoder) and whether the gain exceeds the spread.
+    """
+    verdicts = {}
+    for metric, _ in METRICS:
+        values = {kind: [r[kind][metric] for r in rows] for kind in ("pretrained", "random")}
+        spread = max(max(v) - min(v) for v in values.values())
+        gain = statistics.mean(values["pretrained"]) - statistics.mean(values["random"])
+        verdicts[metric] = {"gain": gain, "spread": spread, "pass": gain > spread}
+    return verdicts
+
+
+def results_table(rows: list[dict]) -> list[str]:
+    """Markdown table: one column per seed, then mean ± std, for both encoders and both metrics."""
+    lines = [
+        "| encoder | metric | " + " | ".join(f"seed {r['seed']}" for r in rows) + " | mean ± std |",
+        "|---|---|" + "---|" * len(rows) + "---|",
+    ]
+    for metric, label in METRICS:
+        for kind, name in (("pretrained", "I-JEPA, default recipe"), ("random", "random init")):
+            values = [r[kind][metric] for r in rows]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells = " | ".join(f"{v:.1f}" for v in values)
+            lines.append(f"| {name} | {label} | {cells} | {statistics.mean(values):.1f} ± {std:.1f} |")
+    return lines
+
+
+def seed_subset_summary(rows: list[dict], subset_size: int = 3) -> dict[str, dict]:
+    """
+    How the verdict depends on which seeds are run: per metric, the number of `subset_size`-seed subsets of `rows` that
+    pass (and the total), the per-seed gains (pre-trained minus random init of the same seed), and the mean gain over
+    all seeds with its standard error (unpaired: the two encoders' seed-to-seed variances added).
+    """
+    if subset_size < 2 or subset_size > len(rows):
+        raise ValueError(
+            f"Need at least {max(subset_size, 2)} seeds to count {subset_size}-seed subsets (a spread needs 2 seeds), "
+            f"got {len(rows)}."
+        )
+    subsets = list(itertools.combinations(rows, subset_size))
+    summary = {}
+    for metric, _ in METRICS:
+        pretrained = [r["pretrained"][metric] for r in rows]
+        random_init = [r["random"][metric] for r in rows]
+        standard_error = math.sqrt(
+            (statistics.variance(pretrained) + statistics.variance(random_init)) / len(rows)
+        )
+        summary[metric] = {
+            "passing_subsets": sum(verdicts_for(list(subset))[metric]["pass"] for subset in subsets),
+            "subsets": len(subsets),
+            "paired_gains": [p - r for p, r in zip(pretrained, random_init)],
+            "gain": statistics.mean(pretrained) - statistics.mean(random_init),
+            "standard_error": standard_error,
+        }
+    return summary
+
+
+def combine(paths: list[str], subset_size: int) -> int:
+    """Merge the runs of several `learning_check.json` files (one row per seed) and print the seed-subset summary."""
+    rows = {}
+    for path in paths:
+        for row in json.loads(Path(path).read_text())["runs"]:
+            previous = rows.get(row["seed"])
+            if previous and (previous["pretrained"], previous["random"]) != (row["pretrained"], row["random"]):
+                raise ValueError(f"Seed {row['seed']} appears in more than one result file with different results.")
+            rows[row["seed"]] = row
+    rows = [rows[seed] for seed in sorted(rows)]
+    print("\n".join(results_table(rows)))
+    for metric, item in seed_subset_summary(rows, subset_size).items():
+        gains = ", ".join(f"{g:+.1f}" for g in item["paired_gains"])
+        print(
+            f"{metric}: {item['passing_subsets']} of {item['subsets']} {subset_size}-seed subsets pass; mean gain "
+            f"{item['gain']:+.1f} ± {item['standard_error']:.1f} (standard error) points over {len(rows)} seeds; "
+            f"gain over the random network of the same seed: {gains}"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output_dir", default="outputs/learning_check")
     parser.add_argument("--preset", default="vit_micro_patch4_48", help="Architecture of the default recipe.")
+    parser.add_argument(
+        "--combine", nargs="+", metavar="JSON",
+        help="Run nothing: merge these learning_check.json files and count the seed subsets that pass.",
+    )
+    parser.add_argument("--subset_size", type=int, default=3, help="Seeds per subset with --combine.")
     parser.add_argument("--pretrain_args", nargs=argparse.REMAINDER, default=[], help="Extra pretrain.py flags.")
     args = parser.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args.subset_size)
 
     pretrain, probe, knn = _script("pretrain"), _script("linear_probe"), _script("knn_eval")
     base = Path(args.output_dir)
@@ -63,20 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[seed {seed}] pre-training {pretrain_minutes:.1f} min; pretrained {pretrained}; random init {random_init}",
               flush=True)
 
-    verdicts = {}
-    lines = [
-        "| encoder | metric | " + " | ".join(f"seed {r['seed']}" for r in rows) + " | mean ± std |",
-        "|---|---|" + "---|" * len(rows) + "---|",
-    ]
-    for metric, label in (("linear", "linear probe (%)"), ("knn", "20-NN (%)")):
-        values = {kind: [r[kind][metric] for r in rows] for kind in ("pretrained", "random")}
-        for kind, name in (("pretrained", "I-JEPA, default recipe"), ("random", "random init")):
-            std = statistics.stdev(values[kind]) if len(values[kind]) > 1 else 0.0
-            cells = " | ".join(f"{v:.1f}" for v in values[kind])
-            lines.append(f"| {name} | {label} | {cells} | {statistics.mean(values[kind]):.1f} ± {std:.1f} |")
-        spread = max(max(v) - min(v) for v in values.values())
-        gain = statistics.mean(values["pretrained"]) - statistics.mean(values["random"])
-        verdicts[metric] = {"gain": gain, "spread": spread, "pass": gain > spread}
+    verdicts = verdicts_for(rows)
+    lines = results_table(rows)
     print("\n".join(lines))
     for metric, verdict in verdicts.items():
         print(f"{metric}: pre-trained - random = {verdict['gain']:+.1f} points; seed-to-seed spread {verdict['spread']:.1f} "
