@@ -114,7 +114,10 @@ def combine(paths: list[str], subset_size: int) -> int:
     """Merge the runs of several `learning_check.json` files (one row per seed) and print the seed-subset summary."""
     rows = {}
     for path in paths:
-        for row in json.loads(Path(path).read_text())["runs"]:
+        results = json.loads(Path(path).read_text())
+        if not isinstance(results, dict) or "runs" not in results:
+            raise ValueError(f"{path} is not a learning_check.json: it has no 'runs'. Pass the files the runs wrote.")
+        for row in results["runs"]:
             previous = rows.get(row["seed"])
             if previous and (previous["pretrained"], previous["random"]) != (row["pretrained"], row["random"]):
                 raise ValueError(f"Seed {row['seed']} appears in more than one result file with different results.")

@@ -58,3 +58,7 @@ def test_combine_merges_result_files(tmp_path, capsys):
     second.write_text(json.dumps({"runs": [_row(1, 50.0, 81.0)]}))
     with pytest.raises(ValueError, match="Seed 1 appears in more than one result file"):
         learning_check.main(["--combine", str(first), str(second)])
+
+    second.write_text(json.dumps({"seed": 1}))
+    with pytest.raises(ValueError, match="is not a learning_check.json"):
+        learning_check.main(["--combine", str(first), str(second)])
