@@ -51,17 +51,23 @@ def evaluate_encoder(model: str, seed: int, output_dir: Path, probe, knn) -> dic
 METRICS = (("linear", "linear probe (%)"), ("knn", "20-NN (%)"))
 
 
+def gain_and_spread(pretrained: list[float], random_init: list[float]) -> tuple[float, float]:
+    """
+    The two quantities the check compares, from per-seed accuracies: the mean gain of the pre-trained encoder over
+    random init, and the seed-to-seed spread (the largest max-min range over seeds of either encoder).
+    """
+    spread = max(max(values) - min(values) for values in (pretrained, random_init))
+    return statistics.mean(pretrained) - statistics.mean(random_init), spread
+
+
 def verdicts_for(rows: list[dict]) -> dict[str, dict]:
     """
     The check on per-seed results `rows` (`{"seed", "pretrained": {metric: %}, "random": {metric: %}}`): per metric,
-    the mean gain of the pre-trained encoder over random init, the spread (largest max-min range over seeds of either
-    encoder) and whether the gain exceeds the spread.
+    the gain and spread of [`gain_and_spread`] and whether the gain exceeds the spread.
     """
     verdicts = {}
     for metric, _ in METRICS:
-        values = {kind: [r[kind][metric] for r in rows] for kind in ("pretrained", "random")}
-        spread = max(max(v) - min(v) for v in values.values())
-        gain = statistics.mean(values["pretrained"]) - statistics.mean(values["random"])
+        gain, spread = gain_and_spread([r["pretrained"][metric] for r in rows], [r["random"][metric] for r in rows])
         verdicts[metric] = {"gain": gain, "spread": spread, "pass": gain > spread}
     return verdicts
 
@@ -92,7 +98,7 @@ def seed_subset_summary(rows: list[dict], subset_size: int = 3) -> dict[str, dic
             f"Need at least {max(subset_size, 2)} seeds to count {subset_size}-seed subsets (a spread needs 2 seeds), "
             f"got {len(rows)}."
         )
-    subsets = list(itertools.combinations(rows, subset_size))
+    subset_verdicts = [verdicts_for(list(subset)) for subset in itertools.combinations(rows, subset_size)]
     summary = {}
     for metric, _ in METRICS:
         pretrained = [r["pretrained"][metric] for r in rows]
@@ -101,8 +107,8 @@ def seed_subset_summary(rows: list[dict], subset_size: int = 3) -> dict[str, dic
             (statistics.variance(pretrained) + statistics.variance(random_init)) / len(rows)
         )
         summary[metric] = {
-            "passing_subsets": sum(verdicts_for(list(subset))[metric]["pass"] for subset in subsets),
-            "subsets": len(subsets),
+            "passing_subsets": sum(verdicts[metric]["pass"] for verdicts in subset_verdicts),
+            "subsets": len(subset_verdicts),
             "paired_gains": [p - r for p, r in zip(pretrained, random_init)],
             "gain": statistics.mean(pretrained) - statistics.mean(random_init),
             "standard_error": standard_error,

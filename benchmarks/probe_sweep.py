@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from learning_check import gain_and_spread  # noqa: E402  (the check's own margin and spread)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -68,11 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     from sklearn.linear_model import LogisticRegression
     from transformers import AutoConfig
 
-    from modeling_ijepa.data import load_digits_dataset
+    from modeling_ijepa.evaluation import DataArguments, load_classification_datasets
 
+    # The embedded digits, sized for the encoders, exactly as linear_probe.py / knn_eval.py load them with no data flags.
     config = AutoConfig.from_pretrained(args.pretrained[0])
-    image_size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-    datasets = load_digits_dataset(image_size)
+    train_dataset, test_dataset, _ = load_classification_datasets(DataArguments(), image_size=config.image_size)
+    datasets = {"train": train_dataset, "test": test_dataset}
     encoders = [("pretrained", path, seed) for path, seed in zip(args.pretrained, args.seeds)]
     encoders += [("random", args.pretrained[0], seed) for seed in args.seeds]
 
@@ -96,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---" * (4 + len(args.pretrained) + len(args.seeds)) + "|")
     for index, c in enumerate(args.inverse_strengths):
         groups = {kind: [accuracy[kind, s][index] for k, s in accuracy if k == kind] for kind in ("pretrained", "random")}
-        margin = statistics.mean(groups["pretrained"]) - statistics.mean(groups["random"])
-        spread = max(max(v) - min(v) for v in groups.values())
+        margin, spread = gain_and_spread(groups["pretrained"], groups["random"])
         cells = " | ".join(f"{a:.1f}" for a in groups["pretrained"] + groups["random"])
         print(f"| {c:g} | {cells} | {margin:+.1f} | {spread:.1f} | {raw[index]:.1f} |")
     return 0
