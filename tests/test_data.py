@@ -14,6 +14,7 @@ from modeling_ijepa.data import (
     ImageClassificationCollator,
     decode_image,
     default_image_processor,
+    digits_split,
     load_digits_dataset,
     load_image_dataset,
     random_resized_crop,
@@ -111,8 +112,6 @@ def test_embedded_digits_are_real_images():
 
 def test_embedded_digits_are_dark_ink_on_white():
     from sklearn.datasets import load_digits
-
-    from modeling_ijepa.data import digits_split
 
     raw = load_digits()
     train_index = np.sort(digits_split(raw.target)[0])

@@ -24,12 +24,12 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from modeling_ijepa.data import ImageClassificationCollator
 from modeling_ijepa.evaluation import (
-    StandardizedLinear,
-    extract_features,
     DataArguments,
     ModelArguments,
+    StandardizedLinear,
     accuracy_metric_fn,
     classification_metrics,
+    extract_features,
     layer_decay_parameter_groups,
     load_classification_datasets,
     load_image_processor,
