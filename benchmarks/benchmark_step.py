@@ -243,25 +243,34 @@ def paired_speedup(slower: Timing, faster: Timing) -> str:
     return f"{statistics.median(ratios):.2f}x (rounds {ratios[0]:.2f}-{ratios[-1]:.2f})"
 
 
-def time_step(run_step, timing: Timing, meter: MemoryMeter, device: torch.device, state: int) -> None:
+def time_step(run_step, timing: Timing, device: torch.device) -> None:
     """
-    Time one call of `run_step`, record the peak memory it reached (`state` bytes plus what it added) and the matmul
-    peak of the step's dtype just before and just after it (the higher of the two: other processes sharing the machine
-    change the attainable FLOP/s from minute to minute, and the MFU must be measured against the same conditions).
+    Time one call of `run_step` and record the matmul peak of the step's dtype just before and just after it (the
+    higher of the two: other processes sharing the machine change the attainable FLOP/s from minute to minute, and the
+    MFU must be measured against the same conditions).
     """
-    dtype = torch.bfloat16 if timing.dtype == "bf16" else torch.float32
+    dtype = DTYPES[timing.dtype]
     size = 4096 if device.type == "cuda" else 1024
     peak_before = matmul_peak(device, dtype, size, repeats=3)
-    meter.start()
     synchronize(device)
     start = time.perf_counter()
     run_step()
     synchronize(device)
     timing.step_seconds.append(time.perf_counter() - start)
+    timing.peak_samples.append(max(peak_before, matmul_peak(device, dtype, size, repeats=3)))
+
+
+def measure_memory(run_step, timing: Timing, meter: MemoryMeter, state: int) -> None:
+    """
+    Record the peak memory of one untimed call of `run_step`: `state` bytes (parameters, buffers, optimiser state) plus
+    what the step added. Kept out of the timed steps because on CPU the meter first hands freed memory back to the
+    system (so that the resident size measures live memory), and the step after that re-faults every page it touches.
+    """
+    meter.start()
+    run_step()
     added = meter.stop()
     if added is not None:
-        timing.peak_bytes = max(timing.peak_bytes or 0, state + added)
-    timing.peak_samples.append(max(peak_before, matmul_peak(device, dtype, size, repeats=3)))
+        timing.peak_bytes = state + added
 
 
 def benchmark_model(name: str, args, device: torch.device) -> tuple[list[Timing], dict]:
@@ -326,13 +335,16 @@ def benchmark_model(name: str, args, device: torch.device) -> tuple[list[Timing]
     for label, dtype in runs:
         for _ in range(args.warmup - ((label, dtype) in warmed_up)):
             implementations[label](dtype == "bf16")
-    meter = MemoryMeter(device)
     timings = {(label, dtype): Timing(name, label, dtype, args.batch_size, flops["step"]) for label, dtype in runs}
     # Interleave the repetitions so that changes of the machine's speed hit every implementation and dtype alike.
     for _ in range(args.steps):
         for label, dtype in runs:
             run_step = implementations[label]
-            time_step(lambda: run_step(dtype == "bf16"), timings[label, dtype], meter, device, states[label])
+            time_step(lambda: run_step(dtype == "bf16"), timings[label, dtype], device)
+    meter = MemoryMeter(device)
+    for label, dtype in runs:
+        run_step = implementations[label]
+        measure_memory(lambda: run_step(dtype == "bf16"), timings[label, dtype], meter, states[label])
     check["flops"] = flops
     check["num_context"] = context_indices.size(1)
     check["num_target"] = num_target
@@ -468,7 +480,7 @@ def main(argv=None) -> None:
         "ms/step: median of the timed steps; TFLOP/s: analytic matmul FLOPs per step / ms/step; peak TFLOP/s: median "
         "over the steps of the\nhigher of two matmul peaks of the same dtype measured just before and after each step; "
         "MFU = TFLOP/s / peak TFLOP/s;\npeak MiB: parameters, buffers and optimiser state plus the peak memory added "
-        "during a step."
+        "during one more, untimed step."
     )
 
     print()

@@ -171,3 +171,25 @@ def test_bf16_explicit_attention_matches_fp32_sdpa_with_gradients():
     assert out16.dtype == torch.float32 and not torch.equal(out16, out32)  # bf16 really ran
     assert (out16 - out32).norm() / out32.norm() < 2e-2
     assert (grad16 - grad32).norm() / grad32.norm() < 3e-2
+
+
+def test_benchmark_script_runs_end_to_end_and_reports_every_column(capsys):
+    from benchmark_step import main
+
+    main(
+        ["--device", "cpu", "--models", "vit_micro_patch4_48", "--batch_size", "2", "--steps", "2",
+         "--collator_seconds", "0.05"]
+    )
+    out = capsys.readouterr().out
+    assert "|diff|" in out and "same weights, batch and masks" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("vit_micro_patch4_48 ")]
+    assert [row[1:3] for row in rows] == [["ours", "fp32"], ["reference", "fp32"], ["ours", "bf16"]]
+    for row in rows:
+        images_per_second, ms_per_step, peak_mib = float(row[3]), float(row[4]), float(row[5].replace(",", ""))
+        assert images_per_second > 0 and ms_per_step > 0
+        # The memory step counts at least the parameters and optimiser state of the micro model (~1M parameters, 4 MiB in fp32).
+        assert peak_mib > 1
+        assert 0 < float(row[-1].rstrip("%")) < 1000
+    summary = [line for line in out.splitlines() if line.startswith("vit_micro_patch4_48: ours/reference")]
+    assert len(summary) == 1 and "ours bf16/fp32 speed-up" in summary[0] and "ours fp32 MFU" in summary[0]
+    assert "mask collator" in out
