@@ -103,6 +103,7 @@ def seed_subset_summary(rows: list[dict], subset_size: int = 3) -> dict[str, dic
     for metric, _ in METRICS:
         pretrained = [r["pretrained"][metric] for r in rows]
         random_init = [r["random"][metric] for r in rows]
+        gain, _ = gain_and_spread(pretrained, random_init)
         standard_error = math.sqrt(
             (statistics.variance(pretrained) + statistics.variance(random_init)) / len(rows)
         )
@@ -110,7 +111,7 @@ def seed_subset_summary(rows: list[dict], subset_size: int = 3) -> dict[str, dic
             "passing_subsets": sum(verdicts[metric]["pass"] for verdicts in subset_verdicts),
             "subsets": len(subset_verdicts),
             "paired_gains": [p - r for p, r in zip(pretrained, random_init)],
-            "gain": statistics.mean(pretrained) - statistics.mean(random_init),
+            "gain": gain,
             "standard_error": standard_error,
         }
     return summary
