@@ -49,7 +49,7 @@ from reference_ijepa import (  # noqa: E402
     reference_train_step,
 )
 
-from modeling_ijepa import IJepaConfig, IJepaForPreTraining  # noqa: E402
+from modeling_ijepa import IJepaConfig, IJepaForPreTraining, hardware  # noqa: E402
 from modeling_ijepa.masking import IJepaMaskCollator  # noqa: E402
 from modeling_ijepa.trainer import ijepa_optimizer  # noqa: E402
 
@@ -243,21 +243,20 @@ def paired_speedup(slower: Timing, faster: Timing) -> str:
     return f"{statistics.median(ratios):.2f}x (rounds {ratios[0]:.2f}-{ratios[-1]:.2f})"
 
 
-def time_step(run_step, timing: Timing, device: torch.device) -> None:
+def time_step(run_step, timing: Timing, device: torch.device, peak_size: int) -> None:
     """
     Time one call of `run_step` and record the matmul peak of the step's dtype just before and just after it (the
     higher of the two: other processes sharing the machine change the attainable FLOP/s from minute to minute, and the
     MFU must be measured against the same conditions).
     """
     dtype = DTYPES[timing.dtype]
-    size = 4096 if device.type == "cuda" else 1024
-    peak_before = matmul_peak(device, dtype, size, repeats=3)
+    peak_before = matmul_peak(device, dtype, peak_size, repeats=3)
     synchronize(device)
     start = time.perf_counter()
     run_step()
     synchronize(device)
     timing.step_seconds.append(time.perf_counter() - start)
-    timing.peak_samples.append(max(peak_before, matmul_peak(device, dtype, size, repeats=3)))
+    timing.peak_samples.append(max(peak_before, matmul_peak(device, dtype, peak_size, repeats=3)))
 
 
 def measure_memory(run_step, timing: Timing, meter: MemoryMeter, state: int) -> None:
@@ -340,7 +339,7 @@ def benchmark_model(name: str, args, device: torch.device) -> tuple[list[Timing]
     for _ in range(args.steps):
         for label, dtype in runs:
             run_step = implementations[label]
-            time_step(lambda: run_step(dtype == "bf16"), timings[label, dtype], device)
+            time_step(lambda: run_step(dtype == "bf16"), timings[label, dtype], device, args.peak_size)
     meter = MemoryMeter(device)
     for label, dtype in runs:
         run_step = implementations[label]
@@ -398,6 +397,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile our model (compilation is in warm-up)")
     parser.add_argument("--collator_seconds", type=float, default=2.0, help="time spent on each mask collator")
+    parser.add_argument(
+        "--peak_size", type=int, default=None,
+        help="side of the square matmul that measures the peak FLOP/s around each step (default 4096 CUDA, 1024 CPU)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -408,6 +411,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.reference_dtypes = {"fp32", "bf16"} if args.reference_bf16 else {"fp32"}
     if args.batch_size is None:
         args.batch_size = 128 if args.device == "cuda" else 16
+    if args.peak_size is None:
+        args.peak_size = 4096 if args.device == "cuda" else 1024
+    args.skipped = {}
+    if args.device == "cpu" and "bf16" in args.dtypes:
+        support = hardware.cpu_bf16_support()
+        if not support.native:
+            args.skipped["bf16"] = f"this CPU has no native bf16 ({support.describe()})"
+            args.dtypes = [dtype for dtype in args.dtypes if dtype != "bf16"]
+            if not args.dtypes:
+                parser.error(f"--dtype bf16 cannot be measured: {args.skipped['bf16']}. Use --dtype fp32.")
     args.models = [SHORT_NAMES.get(name.lower(), name) for name in args.models]
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
         parser.error("--steps and --batch_size must be >= 1 and --warmup >= 0.")
@@ -444,8 +457,10 @@ def main(argv=None) -> None:
         flush=True,
     )
 
-    size = 4096 if device.type == "cuda" else 2048
-    startup_peaks = {dtype: matmul_peak(device, torch_dtype, size) for dtype, torch_dtype in DTYPES.items()}
+    for dtype, reason in args.skipped.items():
+        print(f"{dtype} skipped: {reason}; it would make every step slower, not faster.", flush=True)
+    size = args.peak_size
+    startup_peaks = {dtype: matmul_peak(device, DTYPES[dtype], size) for dtype in args.dtypes}
     print(
         f"matmul peak at start ({size}^3): "
         + ", ".join(f"{dtype} {peak / 1e12:.3f} TFLOP/s" for dtype, peak in startup_peaks.items())

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from .configuration_ijepa import IJepaConfig
 from .data import ImageClassificationCollator, default_image_processor, load_image_dataset
+from .hardware import require_native_cpu_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -91,12 +92,22 @@ def parse_arguments(parser, argv: Sequence[str] | None) -> tuple:
     Parse `argv` (default `sys.argv[1:]`) into the parser's dataclasses; a single `.json` / `.yaml` argument is read
     as a file of options.
     """
+    from transformers import TrainingArguments
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=argv[0])
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(yaml_file=argv[0])
-    return parser.parse_args_into_dataclasses(args=argv)
+        parsed = parser.parse_json_file(json_file=argv[0])
+    elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        parsed = parser.parse_yaml_file(yaml_file=argv[0])
+    else:
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+    for arguments in parsed:
+        if isinstance(arguments, TrainingArguments) and arguments.bf16 and arguments.device.type == "cpu":
+            try:
+                require_native_cpu_bf16("--bf16")
+            except ValueError as error:
+                parser.error(str(error))
+    return parsed
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .data import shard_for_process
+from .hardware import require_native_cpu_bf16
 from .modeling_ijepa import IJepaForPreTraining
 
 logger = logging.getLogger(__name__)
@@ -143,6 +144,8 @@ class IJepaTrainer(Trainer):
     args: IJepaTrainingArguments
 
     def __init__(self, model: IJepaForPreTraining, args: IJepaTrainingArguments, **kwargs):
+        if args.bf16 and args.device.type == "cpu":
+            require_native_cpu_bf16("--bf16")
         super().__init__(model=model, args=args, **kwargs)
         self.add_callback(_IJepaScheduleCallback(self))
         self._step_metrics: dict[str, float] = {}

@@ -8,7 +8,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from modeling_ijepa import IJepaConfig  # noqa: E402
+from modeling_ijepa import IJepaConfig, hardware  # noqa: E402
 
 
 def tiny_config(**overrides) -> IJepaConfig:
@@ -35,3 +35,22 @@ def config() -> IJepaConfig:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def simulated_cpu_bf16(native: bool) -> hardware.CpuBf16Support:
+    """What `cpu_bf16_support` reports on a CPU with native bf16 (AVX-512-bf16) or without it (AVX2 only)."""
+    if native:
+        return hardware.CpuBf16Support(True, "AVX512", ("avx512_bf16",), 0.5, 2.0e11, 1.0e11)
+    return hardware.CpuBf16Support(False, "AVX2", (), 400.0, 2.5e8, 1.0e11)
+
+
+@pytest.fixture
+def cpu_with_bf16(monkeypatch):
+    """Run the test as on a CPU with native bf16, whatever this machine has."""
+    monkeypatch.setattr(hardware, "cpu_bf16_support", lambda: simulated_cpu_bf16(native=True))
+
+
+@pytest.fixture
+def cpu_without_bf16(monkeypatch):
+    """Run the test as on a CPU without native bf16 (AVX2 only), whatever this machine has."""
+    monkeypatch.setattr(hardware, "cpu_bf16_support", lambda: simulated_cpu_bf16(native=False))

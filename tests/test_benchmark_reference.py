@@ -173,23 +173,50 @@ def test_bf16_explicit_attention_matches_fp32_sdpa_with_gradients():
     assert (grad16 - grad32).norm() / grad32.norm() < 3e-2
 
 
-def test_benchmark_script_runs_end_to_end_and_reports_every_column(capsys):
+def test_benchmark_script_runs_end_to_end_and_reports_every_column(capsys, cpu_with_bf16):
     from benchmark_step import main
 
     main(
-        ["--device", "cpu", "--models", "vit_micro_patch4_48", "--batch_size", "2", "--steps", "2",
-         "--collator_seconds", "0.05"]
+        ["--device", "cpu", "--models", "vit_micro_patch4_48", "--batch_size", "2", "--steps", "1",
+         "--collator_seconds", "0.05", "--peak_size", "128"]
     )
     out = capsys.readouterr().out
     assert "|diff|" in out and "same weights, batch and masks" in out
+    assert "skipped" not in out
     rows = [line.split() for line in out.splitlines() if line.startswith("vit_micro_patch4_48 ")]
     assert [row[1:3] for row in rows] == [["ours", "fp32"], ["reference", "fp32"], ["ours", "bf16"]]
     for row in rows:
         images_per_second, ms_per_step, peak_mib = float(row[3]), float(row[4]), float(row[5].replace(",", ""))
         assert images_per_second > 0 and ms_per_step > 0
-        # The memory step counts at least the parameters and optimiser state of the micro model (~1M parameters, 4 MiB in fp32).
+        # The memory step counts at least the parameters and optimiser state of the micro model (~1M parameters,
+        # 4 MiB in fp32).
         assert peak_mib > 1
         assert 0 < float(row[-1].rstrip("%")) < 1000
     summary = [line for line in out.splitlines() if line.startswith("vit_micro_patch4_48: ours/reference")]
     assert len(summary) == 1 and "ours bf16/fp32 speed-up" in summary[0] and "ours fp32 MFU" in summary[0]
     assert "mask collator" in out
+
+
+def test_benchmark_skips_bf16_on_a_cpu_without_it_and_says_why(capsys, cpu_without_bf16, monkeypatch):
+    import benchmark_step
+
+    measured = []
+    original = benchmark_step.matmul_peak
+    monkeypatch.setattr(benchmark_step, "matmul_peak", lambda d, dtype, *a, **k: measured.append(dtype) or original(d, dtype, *a, **k))
+    benchmark_step.main(
+        ["--device", "cpu", "--models", "vit_micro_patch4_48", "--batch_size", "2", "--steps", "1",
+         "--collator_seconds", "0.05", "--peak_size", "128"]
+    )
+    out = capsys.readouterr().out
+    assert "bf16 skipped: this CPU has no native bf16" in out and "400.0x the time of fp32" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("vit_micro_patch4_48 ")]
+    assert [row[1:3] for row in rows] == [["ours", "fp32"], ["reference", "fp32"]]
+    assert measured and set(measured) == {torch.float32}  # no bf16 matmul was run, not even for the peak
+
+
+def test_benchmark_refuses_a_bf16_only_run_on_a_cpu_without_it(capsys, cpu_without_bf16):
+    from benchmark_step import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--device", "cpu", "--dtype", "bf16"])
+    assert "--dtype bf16 cannot be measured" in capsys.readouterr().err

@@ -87,7 +87,7 @@ def test_default_recipe_is_the_embedded_cpu_run():
         ("in22k-vitg16-ep44", "vit_giant_patch16_224", 16, 305_008, 20_796),
     ],
 )
-def test_official_recipes(name, preset, predictor_depth, max_steps, warmup):
+def test_official_recipes(name, preset, predictor_depth, max_steps, warmup, cpu_with_bf16):
     model_args, data_args, args, _ = pretrain.parse_args(
         ["--config", name, "--train_dir", "/data/imagenet", "--use_cpu", "true"]  # bf16 needs a GPU unless on CPU
     )
@@ -102,7 +102,7 @@ def test_official_recipes(name, preset, predictor_depth, max_steps, warmup):
     assert args.bf16 and args.per_device_train_batch_size == 128 and data_args.streaming
 
 
-def test_command_line_overrides_the_recipe():
+def test_command_line_overrides_the_recipe(cpu_with_bf16):
     model_args, _, args, _ = pretrain.parse_args(
         ["--config", "in1k-vith14-ep300", "--learning_rate", "5e-4", "--model_preset", "vit_small_patch16_224",
          "--use_cpu", "true"]
@@ -122,7 +122,7 @@ def test_command_line_overrides_the_recipe():
         (["extra"], "unexpected positional"),
     ],
 )
-def test_bad_flags_give_an_argparse_error(argv, message, capsys):
+def test_bad_flags_give_an_argparse_error(argv, message, capsys, cpu_with_bf16):
     with pytest.raises(SystemExit) as exit_info:
         pretrain.parse_args(argv)
     assert exit_info.value.code == 2
@@ -137,9 +137,13 @@ def test_unknown_recipe_key_is_named(tmp_path, capsys):
     assert "--learning_rat (did you mean --learning_rate?)" in capsys.readouterr().err
 
 
-def test_bad_model_settings_name_the_fix():
-    with pytest.raises(SystemExit, match="divisible"):
-        pretrain.main(["--config_overrides", "image_size=50", "--max_steps", "1", "--output_dir", "/tmp/unused"])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [("image_size=50", "divisible"), ("num_attention_heads=5", "not a multiple of the number of attention heads")],
+)
+def test_bad_model_settings_name_the_fix(overrides, message):
+    with pytest.raises(SystemExit, match=message):
+        pretrain.main(["--config_overrides", overrides, "--max_steps", "1", "--output_dir", "/tmp/unused"])
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from modeling_ijepa import IJepaConfig, IJepaForPreTraining, IJepaModel
 from modeling_ijepa.configuration_ijepa import configuration_dir
 from modeling_ijepa.data import IJepaPretrainingCollator, default_image_processor, load_image_dataset
+from modeling_ijepa.hardware import require_native_cpu_bf16
 from modeling_ijepa.masking import IJepaMaskCollator
 from modeling_ijepa.trainer import IJepaTrainer, IJepaTrainingArguments
 
@@ -168,6 +169,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         hint = " The official recipes use bf16: on hardware without bf16 pass --bf16 false." if "bf16" in str(error) else ""
         parser.error(f"{error}{hint}")
     model_args, data_args, training_args = outputs
+    if training_args.bf16 and training_args.use_cpu:
+        try:
+            require_native_cpu_bf16("--bf16")
+        except ValueError as error:
+            parser.error(str(error))
     if not 0.0 < data_args.crop_scale_min <= data_args.crop_scale_max <= 1.0:
         parser.error(
             f"--crop_scale_min {data_args.crop_scale_min} / --crop_scale_max {data_args.crop_scale_max}: need "
@@ -194,6 +200,9 @@ def build_config(model_args: ModelArguments) -> IJepaConfig:
         config = IJepaConfig.from_pretrained(model_args.model_name_or_path, **overrides)
     else:
         config = IJepaConfig.from_preset(model_args.model_preset, **overrides)
+    # Fail before any data is read: the model and the mask collator would raise the same errors later.
+    config.check_image_and_patch_size()
+    config.check_mask_settings()
     return config
 
 
@@ -285,13 +294,16 @@ def main(argv: list[str] | None = None) -> str:
     except (ConnectionError, ValueError, FileNotFoundError) as error:
         raise SystemExit(f"pretrain.py: error: {error}") from None
 
-    if model_args.model_name_or_path:
-        model = IJepaForPreTraining.from_pretrained(
-            model_args.model_name_or_path, config=config, attn_implementation=model_args.attn_implementation
-        )
-    else:
-        config._attn_implementation = model_args.attn_implementation
-        model = IJepaForPreTraining(config)
+    try:
+        if model_args.model_name_or_path:
+            model = IJepaForPreTraining.from_pretrained(
+                model_args.model_name_or_path, config=config, attn_implementation=model_args.attn_implementation
+            )
+        else:
+            config._attn_implementation = model_args.attn_implementation
+            model = IJepaForPreTraining(config)
+    except ValueError as error:  # an architecture the configuration describes but no model can have
+        raise SystemExit(f"pretrain.py: error: invalid model configuration: {error}") from None
 
     # Each process draws its own crops and masks; every draw depends only on (seed, process, batch index).
     mask_collator = IJepaMaskCollator.from_config(config, seed=training_args.seed + 1_000_003 * training_args.process_index)

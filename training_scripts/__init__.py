@@ -1,0 +1,1 @@
+"""Command-line entry points: pre-training, linear probe, k-NN and fine-tuning (`python training_scripts/NAME.py`)."""
