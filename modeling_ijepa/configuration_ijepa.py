@@ -1,3 +1,5 @@
+# Copyright 2026 The ijepa-hf Authors. All rights reserved.
+# Licensed under the Apache License, Version 2.0.
 """I-JEPA configuration: the encoder fields of transformers' built-in `IJepaConfig`, plus predictor and masking fields."""
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from pathlib import Path
 
 from transformers.models.ijepa.configuration_ijepa import IJepaConfig as _TransformersIJepaConfig
 
-from .masking import check_mask_settings
+from .masking import check_mask_ranges, check_mask_settings
 
 
 def _pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
@@ -44,7 +46,8 @@ class IJepaConfig(_TransformersIJepaConfig):
     Args:
         hidden_size (`int`, *optional*, defaults to 768): width of the encoder.
         num_hidden_layers (`int`, *optional*, defaults to 12): depth of the encoder.
-        num_attention_heads (`int`, *optional*, defaults to 12): attention heads of the encoder; must divide `hidden_size`.
+        num_attention_heads (`int`, *optional*, defaults to 12): attention heads of the encoder; must divide
+            `hidden_size` (checked when the model is built).
         intermediate_size (`int`, *optional*, defaults to 3072): hidden width of the encoder MLPs.
         layer_norm_eps (`float`, *optional*, defaults to 1e-6): LayerNorm epsilon (I-JEPA uses 1e-6).
         image_size (`int` or `(height, width)`, *optional*, defaults to 224): input resolution; divisible by `patch_size`.
@@ -116,6 +119,22 @@ class IJepaConfig(_TransformersIJepaConfig):
         return rows * columns
 
     def _validate_ijepa(self) -> None:
+        """
+        Field-level checks of the I-JEPA mask settings. Like transformers' configs, the configuration accepts any
+        architecture; the model raises when it cannot be built (e.g. heads that do not divide the width, an image size
+        that is not a multiple of the patch size), and the mask collator when the masks cannot fit the patch grid.
+        """
+        check_mask_ranges(
+            self.num_target_blocks,
+            self.target_scale,
+            self.target_aspect_ratio,
+            self.context_scale,
+            self.context_aspect_ratio,
+            self.min_context_patches,
+        )
+
+    def check_image_and_patch_size(self) -> None:
+        """Raise `ValueError` naming the fix when `image_size` is not a multiple of `patch_size`."""
         image_height, image_width = _pair(self.image_size)
         patch_height, patch_width = _pair(self.patch_size)
         if image_height % patch_height or image_width % patch_width:
@@ -123,17 +142,9 @@ class IJepaConfig(_TransformersIJepaConfig):
                 f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}: choose an image size "
                 f"that is a multiple of the patch size (e.g. {image_height // patch_height * patch_height})."
             )
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"num_attention_heads={self.num_attention_heads} does not divide hidden_size={self.hidden_size}: pick "
-                "a head count that divides the width (e.g. hidden_size // 64)."
-            )
-        if self.predictor_hidden_size % self.predictor_num_attention_heads:
-            raise ValueError(
-                f"predictor_num_attention_heads={self.predictor_num_attention_heads} does not divide "
-                f"predictor_hidden_size={self.predictor_hidden_size}: set predictor_num_attention_heads to a divisor "
-                "of the predictor width."
-            )
+
+    def check_mask_settings(self) -> None:
+        """Raise `ValueError` naming the fix when the mask settings can never give a valid mask on the patch grid."""
         check_mask_settings(
             self.grid_size,
             self.num_target_blocks,
@@ -157,10 +168,6 @@ class IJepaConfig(_TransformersIJepaConfig):
         values = json.loads(path.read_text())
         values.update(overrides)
         return cls(**values)
-
-    @property
-    def predictor_head_dim(self) -> int:
-        return self.predictor_hidden_size // self.predictor_num_attention_heads
 
 
 __all__ = ["IJepaConfig", "configuration_dir", "list_presets"]

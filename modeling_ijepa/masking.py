@@ -30,8 +30,7 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
     return int(value), int(value)
 
 
-def check_mask_settings(
-    grid_size: tuple[int, int],
+def check_mask_ranges(
     num_target_blocks: int,
     target_scale: Sequence[float],
     target_aspect_ratio: Sequence[float],
@@ -39,7 +38,7 @@ def check_mask_settings(
     context_aspect_ratio: Sequence[float],
     min_context_patches: int,
 ) -> None:
-    """Raise `ValueError`, saying what to change, for mask settings that can never give a valid I-JEPA mask."""
+    """Raise `ValueError`, saying what to change, for mask settings that are invalid on any patch grid."""
     for name, value in (
         ("target_scale", target_scale),
         ("context_scale", context_scale),
@@ -60,6 +59,21 @@ def check_mask_settings(
         raise ValueError(f"num_target_blocks={num_target_blocks}: I-JEPA needs at least one target block.")
     if min_context_patches < 0:
         raise ValueError(f"min_context_patches={min_context_patches} must be >= 0.")
+
+
+def check_mask_settings(
+    grid_size: tuple[int, int],
+    num_target_blocks: int,
+    target_scale: Sequence[float],
+    target_aspect_ratio: Sequence[float],
+    context_scale: Sequence[float],
+    context_aspect_ratio: Sequence[float],
+    min_context_patches: int,
+) -> None:
+    """Raise `ValueError`, saying what to change, for mask settings that can never give a valid mask on this grid."""
+    check_mask_ranges(
+        num_target_blocks, target_scale, target_aspect_ratio, context_scale, context_aspect_ratio, min_context_patches
+    )
     rows, columns = grid_size
     num_patches = rows * columns
     largest_context = int(num_patches * float(context_scale[1]))
@@ -346,4 +360,4 @@ def draw_mask_grid(
     return canvas
 
 
-__all__ = ["IJepaMaskCollator", "check_mask_settings", "draw_mask_grid"]
+__all__ = ["IJepaMaskCollator", "check_mask_ranges", "check_mask_settings", "draw_mask_grid"]

@@ -1,3 +1,5 @@
+# Copyright 2026 The ijepa-hf Authors. All rights reserved.
+# Licensed under the Apache License, Version 2.0.
 """PyTorch I-JEPA: context/target ViT encoder with token dropping, narrow predictor, pre-training and classification heads.
 
 The encoder's parameter names are those of transformers' built-in `IJepaModel`, so checkpoints move both ways between
@@ -20,7 +22,9 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import PreTrainedModel
 from transformers.models.ijepa.modeling_ijepa import IJepaEmbeddings
-from transformers.utils import ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_ijepa import IJepaConfig
 
@@ -79,17 +83,71 @@ def _check_indices(name: str, indices: torch.Tensor, batch_size: int, num_patche
         )
 
 
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Explicit softmax attention. `query`, `key`, `value`: `(batch_size, num_heads, sequence_length, head_dim)`.
+
+    Returns:
+        The attention output `(batch_size, sequence_length, num_heads, head_dim)` and the attention weights
+        `(batch_size, num_heads, sequence_length, sequence_length)`.
+    """
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scaling
+    weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    output = torch.matmul(F.dropout(weights, p=dropout, training=module.training), value)
+    return output.transpose(1, 2), weights
+
+
+def sdpa_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+) -> tuple[torch.Tensor, None]:
+    """
+    `torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU); same shapes as
+    [`eager_attention_forward`], without attention weights.
+
+    On CPU in bf16, two matmuls and a softmax replace torch's CPU flash kernel, which is 2-4x slower there (its
+    backward above all): a bf16 pre-training step of ViT-S/16 ran ~1.2x faster. The query (smaller than the scores) is
+    scaled, and torch's CPU softmax, which accumulates bf16 in float32 itself, writes bf16 directly: no float32 copy of
+    the scores in forward or backward.
+    """
+    if query.device.type == "cpu" and query.dtype == torch.bfloat16:
+        scores = torch.matmul(query * scaling, key.transpose(-2, -1))
+        probabilities = F.dropout(scores.softmax(dim=-1), p=dropout, training=module.training)
+        return torch.matmul(probabilities, value).transpose(1, 2), None
+    output = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling)
+    return output.transpose(1, 2), None
+
+
+# The attention functions `config._attn_implementation` selects (transformers' convention).
+ATTENTION_FUNCTIONS = {"eager": eager_attention_forward, "sdpa": sdpa_attention_forward}
+
+
 class IJepaSelfAttention(nn.Module):
     """
     Multi-head self-attention with separate q/k/v projections (the built-in IJepa parameter names).
 
-    The implementation follows `config._attn_implementation`: `"sdpa"` uses
-    `torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU), `"eager"` the
-    explicit softmax, which is also used whenever attention weights are requested, and for bf16 on CPU (faster there).
+    The attention function is `ATTENTION_FUNCTIONS[config._attn_implementation]`, read at every call (so
+    `set_attn_implementation` switches it); attention weights, when asked for, always come from the eager function.
     """
 
     def __init__(self, config: IJepaConfig, hidden_size: int, num_attention_heads: int):
         super().__init__()
+        if hidden_size % num_attention_heads:
+            raise ValueError(
+                f"The hidden size ({hidden_size}) is not a multiple of the number of attention heads "
+                f"({num_attention_heads}): pick a head count that divides the width (e.g. hidden_size // 64)."
+            )
         self.config = config
         self.num_attention_heads = num_attention_heads
         self.head_dim = hidden_size // num_attention_heads
@@ -103,15 +161,13 @@ class IJepaSelfAttention(nn.Module):
         """Plain, unhooked `nn.Linear` projections only: adapters (LoRA) or hooks on q/k/v must see their own calls."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
         return all(
-            type(p) is nn.Linear and not (p._forward_hooks or p._forward_pre_hooks) and (p.bias is None) == (self.q_proj.bias is None)
+            type(p) is nn.Linear
+            and not (p._forward_hooks or p._forward_pre_hooks)
+            and (p.bias is None) == (self.q_proj.bias is None)
             for p in projections
         )
 
-    def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`hidden_states`: `(batch_size, sequence_length, hidden_size)`; returns the same shape and, if asked,
-        attention weights `(batch_size, num_heads, sequence_length, sequence_length)`."""
+    def _query_key_value(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch_size, sequence_length, _ = hidden_states.shape
         if self._can_fuse_qkv():
             # One matmul for q, k and v (weights concatenated on the fly; parameter names and files stay vanilla).
@@ -119,33 +175,32 @@ class IJepaSelfAttention(nn.Module):
             bias = None if self.q_proj.bias is None else torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
             qkv = F.linear(hidden_states, weight, bias)
             qkv = qkv.view(batch_size, sequence_length, 3, self.num_attention_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            query, key, value = qkv.unbind(0)
-        else:
-            head_shape = (batch_size, sequence_length, self.num_attention_heads, self.head_dim)
-            query = self.q_proj(hidden_states).view(head_shape).transpose(1, 2)
-            key = self.k_proj(hidden_states).view(head_shape).transpose(1, 2)
-            value = self.v_proj(hidden_states).view(head_shape).transpose(1, 2)
+            return qkv.unbind(0)
+        head_shape = (batch_size, sequence_length, self.num_attention_heads, self.head_dim)
+        return tuple(
+            projection(hidden_states).view(head_shape).transpose(1, 2)
+            for projection in (self.q_proj, self.k_proj, self.v_proj)
+        )
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        `hidden_states`: `(batch_size, sequence_length, hidden_size)`. Returns the same shape and the attention weights
+        `(batch_size, num_heads, sequence_length, sequence_length)` if `output_attentions`, else `None`.
+        """
+        batch_size, sequence_length, _ = hidden_states.shape
+        query, key, value = self._query_key_value(hidden_states)
+        implementation = self.config._attn_implementation or "sdpa"
+        if implementation not in ATTENTION_FUNCTIONS:
+            raise ValueError(
+                f"attn_implementation={implementation!r} is not supported by I-JEPA: use one of "
+                f"{sorted(ATTENTION_FUNCTIONS)}."
+            )
+        attention = eager_attention_forward if output_attentions else ATTENTION_FUNCTIONS[implementation]
         dropout = self.config.attention_probs_dropout_prob if self.training else 0.0
-
-        attention_weights = None
-        # On CPU, torch's flash-attention kernel is 2-4x slower in bf16 (its backward above all) than two matmuls and a
-        # softmax: a bf16 pre-training step of ViT-S/16 runs ~1.2x faster on the explicit path. fp32 and GPUs keep SDPA.
-        bf16_on_cpu = query.device.type == "cpu" and query.dtype == torch.bfloat16
-        if output_attentions or self.config._attn_implementation == "eager":
-            scores = torch.matmul(query, key.transpose(-2, -1)) * self.scaling
-            attention_weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
-            context = torch.matmul(F.dropout(attention_weights, p=dropout, training=self.training), value)
-        elif bf16_on_cpu:
-            # Scale the (smaller) query rather than the scores, and let torch's CPU softmax, which accumulates bf16 in
-            # float32 itself, write bf16 directly: no float32 copy of the scores in forward or backward.
-            scores = torch.matmul(query * self.scaling, key.transpose(-2, -1))
-            probabilities = F.dropout(scores.softmax(dim=-1), p=dropout, training=self.training)
-            context = torch.matmul(probabilities, value)
-        else:
-            context = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=self.scaling)
-
-        context = context.transpose(1, 2).reshape(batch_size, sequence_length, -1)
-        return self.o_proj(context), attention_weights
+        context, weights = attention(self, query, key, value, scaling=self.scaling, dropout=dropout)
+        return self.o_proj(context.reshape(batch_size, sequence_length, -1)), weights
 
 
 class IJepaMLP(nn.Module):
@@ -162,7 +217,9 @@ class IJepaMLP(nn.Module):
 class IJepaLayer(GradientCheckpointingLayer):
     """Pre-norm transformer block. `layer_index` (0-based) sets the depth-scaled init of the residual projections."""
 
-    def __init__(self, config: IJepaConfig, hidden_size: int, num_attention_heads: int, intermediate_size: int, layer_index: int):
+    def __init__(
+        self, config: IJepaConfig, hidden_size: int, num_attention_heads: int, intermediate_size: int, layer_index: int
+    ):
         super().__init__()
         self.layernorm_before = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
         self.attention = IJepaSelfAttention(config, hidden_size, num_attention_heads)
@@ -174,25 +231,26 @@ class IJepaLayer(GradientCheckpointingLayer):
         self.attention.o_proj._ijepa_init_scale = depth_scale
         self.mlp.fc2._ijepa_init_scale = depth_scale
 
-    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attention_output, attention_weights = self.attention(self.layernorm_before(hidden_states), output_attentions)
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False) -> torch.Tensor:
+        """`(batch_size, sequence_length, hidden_size)` in and out; attention weights are captured from the attention
+        module by `capture_outputs`."""
+        attention_output, _ = self.attention(self.layernorm_before(hidden_states), output_attentions)
         hidden_states = hidden_states + self.dropout(attention_output)
-        hidden_states = hidden_states + self.dropout(self.mlp(self.layernorm_after(hidden_states)))
-        return hidden_states, attention_weights
+        return hidden_states + self.dropout(self.mlp(self.layernorm_after(hidden_states)))
 
 
-def _run_layers(
-    layers: nn.ModuleList, hidden_states: torch.Tensor, output_hidden_states: bool, output_attentions: bool
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
-    all_hidden_states = (hidden_states,) if output_hidden_states else None
-    all_attentions = () if output_attentions else None
-    for layer in layers:
-        hidden_states, attention_weights = layer(hidden_states, output_attentions)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-        if output_attentions:
-            all_attentions += (attention_weights,)
-    return hidden_states, all_hidden_states, all_attentions
+# Keywords every model forward accepts besides its own arguments: transformers' `TransformersKwargs` (e.g.
+# `output_hidden_states`, `output_attentions`, the Trainer's `num_items_in_batch`) and `return_dict`.
+_FORWARD_KWARGS = frozenset(TransformersKwargs.__annotations__) | {"return_dict"}
+
+
+def _check_forward_kwargs(model: nn.Module, kwargs: dict) -> None:
+    unknown = sorted(set(kwargs) - _FORWARD_KWARGS)
+    if unknown:
+        raise TypeError(
+            f"{type(model).__name__}.forward() got unexpected keyword argument(s) {unknown}: it takes its documented "
+            f"arguments and transformers' common keywords ({', '.join(sorted(_FORWARD_KWARGS))})."
+        )
 
 
 _CONFIG_DOWNLOAD_KWARGS = (
@@ -227,6 +285,11 @@ class IJepaPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["IJepaEmbeddings", "IJepaLayer"]
     _supports_sdpa = True
+    # `output_hidden_states` / `output_attentions` (flags or layer-index lists) are captured from these modules.
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(IJepaLayer, index=0),
+        "attentions": OutputRecorder(IJepaSelfAttention, index=1),
+    }
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
@@ -286,6 +349,7 @@ class IJepaModel(IJepaPreTrainedModel):
 
     def __init__(self, config: IJepaConfig):
         super().__init__(config)
+        config.check_image_and_patch_size()
         self.embeddings = IJepaEmbeddings(config)
         self.embeddings.position_embeddings.requires_grad_(False)
         self.layers = nn.ModuleList(
@@ -315,36 +379,39 @@ class IJepaModel(IJepaPreTrainedModel):
         encoder._freeze_fixed_parameters()
         return (encoder, loading_info) if loading_info is not None else encoder
 
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(
         self,
         pixel_values: torch.Tensor,
         context_indices: torch.LongTensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
         interpolate_pos_encoding: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithPooling | tuple:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling:
         """
         Args:
             pixel_values: `(batch_size, num_channels, height, width)`.
             context_indices: optional `(batch_size, num_context)` LongTensor of flattened patch indices. Only these
                 tokens (after the position embedding is added) go through the transformer: the others are dropped.
-            output_hidden_states / output_attentions: also return every layer's input/outputs / attention weights
-                (`(batch_size, num_heads, seq, seq)`, computed eagerly).
             interpolate_pos_encoding: bicubically resize the position embedding for another input resolution.
+            output_hidden_states: `True` for the input of the first layer and every layer's output
+                (`num_hidden_layers + 1` tensors `(batch_size, num_tokens, hidden_size)`, before the final LayerNorm),
+                or a list of indices into them (the others are `None`).
+            output_attentions: every layer's attention weights `(batch_size, num_heads, num_tokens, num_tokens)`,
+                computed eagerly whatever the attention implementation.
+            return_dict: `False` for a tuple.
 
         Returns:
             [`BaseModelOutputWithPooling`] with `last_hidden_state` `(batch_size, num_tokens, hidden_size)` (after the
             final LayerNorm) and `pooler_output` `(batch_size, hidden_size)`, the mean over output tokens.
         """
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        return_dict = self.config.return_dict if return_dict is None else return_dict
+        _check_forward_kwargs(self, kwargs)
+        output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
         if pixel_values is None:
             raise ValueError("IJepaModel needs `pixel_values` of shape (batch_size, num_channels, height, width).")
         if pixel_values.dim() != 4:
-            raise ValueError(f"pixel_values must be (batch_size, num_channels, height, width), got shape {tuple(pixel_values.shape)}.")
+            raise ValueError(
+                f"pixel_values must be (batch_size, num_channels, height, width), got shape {tuple(pixel_values.shape)}."
+            )
         expected_dtype = self.embeddings.patch_embeddings.projection.weight.dtype
         if pixel_values.dtype != expected_dtype:
             pixel_values = pixel_values.to(expected_dtype)
@@ -362,24 +429,15 @@ class IJepaModel(IJepaPreTrainedModel):
             _check_indices("context_indices", context_indices, hidden_states.size(0), hidden_states.size(1), ndim=2)
             hidden_states = gather_tokens(hidden_states, context_indices)
         else:
-            # The patch embedding is a transposed view of the conv output (strides (N*D, 1, N)) and element-wise ops keep
-            # that layout: one copy here spares every LayerNorm and residual add of the full-image pass a strided one.
+            # The patch embedding is a transposed view of the conv output (strides (N*D, 1, N)) and element-wise ops
+            # keep that layout: one copy here spares every LayerNorm and residual add of the full-image pass a strided
+            # one.
             hidden_states = hidden_states.contiguous()
 
-        hidden_states, all_hidden_states, all_attentions = _run_layers(
-            self.layers, hidden_states, output_hidden_states, output_attentions
-        )
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, bool(output_attentions))
         sequence_output = self.layernorm(hidden_states)
-        pooled_output = sequence_output.mean(dim=1)
-
-        if not return_dict:
-            return tuple(v for v in (sequence_output, pooled_output, all_hidden_states, all_attentions) if v is not None)
-        return BaseModelOutputWithPooling(
-            last_hidden_state=sequence_output,
-            pooler_output=pooled_output,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-        )
+        return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=sequence_output.mean(dim=1))
 
 
 class IJepaPredictor(nn.Module):
@@ -394,6 +452,12 @@ class IJepaPredictor(nn.Module):
 
     def __init__(self, config: IJepaConfig):
         super().__init__()
+        if config.predictor_hidden_size % config.predictor_num_attention_heads:
+            raise ValueError(
+                f"predictor_num_attention_heads={config.predictor_num_attention_heads} does not divide "
+                f"predictor_hidden_size={config.predictor_hidden_size}: set predictor_num_attention_heads to a divisor "
+                "of the predictor width."
+            )
         self.config = config
         self.embeddings = nn.Linear(config.hidden_size, config.predictor_hidden_size)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, config.predictor_hidden_size))
@@ -436,7 +500,8 @@ class IJepaPredictor(nn.Module):
         targets = (targets + self.mask_token).view(batch_size, num_blocks, num_target, -1)
         hidden_states = torch.cat([context, targets], dim=2).flatten(0, 1)
 
-        hidden_states, _, _ = _run_layers(self.layers, hidden_states, False, False)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)
         predictions = self.projection(self.layernorm(hidden_states[:, num_context:]))
         return predictions.view(batch_size, num_blocks, num_target, -1)
 
@@ -473,6 +538,7 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
 
     def __init__(self, config: IJepaConfig):
         super().__init__(config)
+        config.check_mask_settings()  # a pre-training model is only useful with masks that fit its patch grid
         self.encoder = IJepaModel(config)
         self.predictor = IJepaPredictor(config)
         self.target_encoder = IJepaModel(config)
@@ -507,7 +573,7 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         context_indices: torch.LongTensor,
         target_indices: torch.LongTensor,
         return_dict: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> IJepaForPreTrainingOutput | tuple:
         """
         Args:
@@ -515,6 +581,7 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
             context_indices: `(batch_size, num_context)` flattened patch indices of the context.
             target_indices: `(batch_size, num_target_blocks, num_target)` flattened patch indices of each target block.
         """
+        _check_forward_kwargs(self, kwargs)
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if context_indices is None or target_indices is None:
             raise ValueError(
@@ -576,31 +643,25 @@ class IJepaForImageClassification(IJepaPreTrainedModel):
         loading_info["missing_keys"] |= {f"classifier.{name}" for name, _ in model.classifier.named_parameters()}
         return (model, loading_info) if output_loading_info else model
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: torch.LongTensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
         interpolate_pos_encoding: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> ImageClassifierOutput | tuple:
-        """`pixel_values` `(batch_size, num_channels, height, width)`; returns logits `(batch_size, num_labels)`."""
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        outputs = self.ijepa(
-            pixel_values,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            return_dict=True,
-        )
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> ImageClassifierOutput:
+        """
+        `pixel_values` `(batch_size, num_channels, height, width)`; returns logits `(batch_size, num_labels)`.
+        `output_hidden_states` / `output_attentions` / `return_dict` as in [`IJepaModel.forward`].
+        """
+        _check_forward_kwargs(self, kwargs)
+        outputs = self.ijepa(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
         logits = self.classifier(outputs.pooler_output)
-        loss = self.loss_function(labels, logits, self.config) if labels is not None else None
-        output = ImageClassifierOutput(
+        loss = self.loss_function(labels, logits, self.config, **kwargs) if labels is not None else None
+        return ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
-        return output if return_dict else output.to_tuple()
 
 
 __all__ = [

@@ -3,7 +3,33 @@
 import pytest
 from conftest import tiny_config
 
-from modeling_ijepa import IJepaConfig, list_presets
+from modeling_ijepa import IJepaConfig, IJepaForPreTraining, IJepaModel, list_presets
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names_the_fix"),
+    [
+        (dict(target_scale=(0.3, 0.2)), "0 < min <= max <= 1"),
+        (dict(target_scale=(0.1, 1.5)), "0 < min <= max <= 1"),
+        (dict(context_scale=(0.0, 1.0)), "0 < min <= max <= 1"),
+        (dict(target_aspect_ratio=(1.5, 0.75)), "0 < min <= max"),
+        (dict(context_aspect_ratio=(-1.0, 1.0)), "0 < min <= max"),
+        (dict(num_target_blocks=0), "at least one target block"),
+        (dict(min_context_patches=-1), "must be >= 0"),
+    ],
+    ids=[
+        "target-scale-reversed",
+        "target-scale-above-one",
+        "context-scale-zero",
+        "target-aspect-reversed",
+        "context-aspect-negative",
+        "no-target-blocks",
+        "negative-min-context",
+    ],
+)
+def test_invalid_configuration_raises_value_error_naming_the_fix(overrides, names_the_fix):
+    with pytest.raises(ValueError, match=names_the_fix):
+        tiny_config(**overrides)
 
 
 @pytest.mark.parametrize(
@@ -12,32 +38,40 @@ from modeling_ijepa import IJepaConfig, list_presets
         (dict(image_size=50), "multiple of the patch size"),
         (dict(num_attention_heads=5), "pick a head count that divides the width"),
         (dict(predictor_num_attention_heads=3), "set predictor_num_attention_heads to a divisor"),
-        (dict(target_scale=(0.3, 0.2)), "0 < min <= max <= 1"),
-        (dict(target_scale=(0.1, 1.5)), "0 < min <= max <= 1"),
-        (dict(context_scale=(0.0, 1.0)), "0 < min <= max <= 1"),
-        (dict(target_aspect_ratio=(1.5, 0.75)), "0 < min <= max"),
-        (dict(context_aspect_ratio=(-1.0, 1.0)), "0 < min <= max"),
-        (dict(num_target_blocks=0), "at least one target block"),
-        (dict(min_context_patches=-1), "must be >= 0"),
         (dict(min_context_patches=200), "lower min_context_patches or use a larger image"),
     ],
     ids=[
         "image-not-divisible-by-patch",
         "heads-not-dividing-width",
         "predictor-heads-not-dividing-predictor-width",
-        "target-scale-reversed",
-        "target-scale-above-one",
-        "context-scale-zero",
-        "target-aspect-reversed",
-        "context-aspect-negative",
-        "no-target-blocks",
-        "negative-min-context",
         "min-context-larger-than-grid",
     ],
 )
-def test_invalid_configuration_raises_value_error_naming_the_fix(overrides, names_the_fix):
+def test_configuration_accepts_an_unbuildable_architecture_and_the_model_raises(overrides, names_the_fix):
+    """As transformers' configs: any architecture is a valid configuration; building the model names the fix."""
+    config = tiny_config(**overrides)
     with pytest.raises(ValueError, match=names_the_fix):
-        tiny_config(**overrides)
+        IJepaForPreTraining(config)
+
+
+def test_configuration_accepts_what_transformers_accepts():
+    import transformers
+
+    vanilla = transformers.IJepaConfig(hidden_size=37)
+    ours = IJepaConfig(hidden_size=37)
+    assert (ours.hidden_size, ours.num_attention_heads) == (vanilla.hidden_size, vanilla.num_attention_heads)
+    with pytest.raises(ValueError, match=r"hidden size \(37\) is not a multiple of the number of attention heads"):
+        IJepaModel(ours)
+
+
+def test_configuration_source_carries_a_copyright_line():
+    """transformers' model tests read the year from the configuration file's `# Copyright YYYY` line."""
+    import inspect
+    import re
+
+    import modeling_ijepa.configuration_ijepa
+
+    assert re.search(r"^# Copyright (\d{4})", inspect.getsource(modeling_ijepa.configuration_ijepa), re.MULTILINE)
 
 
 def test_range_fields_must_be_pairs():

@@ -71,7 +71,7 @@ def test_context_indices_equal_running_the_layers_on_the_gathered_embeddings(con
     with torch.no_grad():
         hidden_states = gather_tokens(model.embeddings(images), context_indices)
         for layer in model.layers:
-            hidden_states, _ = layer(hidden_states)
+            hidden_states = layer(hidden_states)
         expected = model.layernorm(hidden_states)
         actual = model(images, context_indices=context_indices).last_hidden_state
     torch.testing.assert_close(actual, expected)
@@ -148,6 +148,70 @@ def test_output_hidden_states_has_one_entry_per_layer_plus_embeddings(config):
     outputs = IJepaModel(config).eval()(pixels(config), output_hidden_states=True)
     assert len(outputs.hidden_states) == config.num_hidden_layers + 1
     assert all(h.shape == (BATCH_SIZE, config.num_patches, config.hidden_size) for h in outputs.hidden_states)
+
+
+def test_output_hidden_states_as_layer_indices_keeps_only_those(config):
+    """transformers v5: a list of indices (negative ones too) selects hidden states; the others are None."""
+    model = IJepaModel(config).eval()
+    images = pixels(config)
+    with torch.no_grad():
+        every = model(images, output_hidden_states=True).hidden_states
+        selected = model(images, output_hidden_states=[0, -1]).hidden_states
+    assert len(selected) == config.num_hidden_layers + 1
+    assert selected[1] is None
+    torch.testing.assert_close(selected[0], every[0])
+    torch.testing.assert_close(selected[-1], every[-1])
+
+
+def test_hidden_states_follow_the_context_tokens(config):
+    model = IJepaModel(config).eval()
+    context_indices, _ = random_masks(config, num_context=30)
+    outputs = model(pixels(config), context_indices=context_indices, output_hidden_states=True)
+    assert all(h.shape == (BATCH_SIZE, 30, config.hidden_size) for h in outputs.hidden_states)
+
+
+def test_output_flags_from_the_configuration(config):
+    config.output_hidden_states = True
+    config.output_attentions = True
+    outputs = IJepaModel(config).eval()(pixels(config))
+    assert len(outputs.hidden_states) == config.num_hidden_layers + 1
+    assert len(outputs.attentions) == config.num_hidden_layers
+
+
+def test_classifier_passes_output_options_to_the_encoder(config):
+    from modeling_ijepa import IJepaForImageClassification
+
+    config.num_labels = 3
+    model = IJepaForImageClassification(config).eval()
+    outputs = model(pixels(config), output_hidden_states=[1], output_attentions=True)
+    assert outputs.hidden_states[1] is not None and outputs.hidden_states[0] is None
+    assert len(outputs.attentions) == config.num_hidden_layers
+    logits, hidden_states = model(pixels(config), output_hidden_states=True, return_dict=False)
+    assert logits.shape == (BATCH_SIZE, 3) and len(hidden_states) == config.num_hidden_layers + 1
+
+
+def test_classifier_accepts_the_trainers_num_items_in_batch(config):
+    from modeling_ijepa import IJepaForImageClassification
+
+    config.num_labels = 3
+    model = IJepaForImageClassification(config).eval()
+    labels = torch.tensor([0, 2])
+    mean_loss = model(pixels(config), labels=labels).loss
+    summed_loss = model(pixels(config), labels=labels, num_items_in_batch=torch.tensor(1)).loss
+    assert summed_loss > mean_loss
+
+
+@pytest.mark.parametrize("model_class", ["IJepaModel", "IJepaForImageClassification", "IJepaForPreTraining"])
+def test_unknown_forward_keywords_raise(config, model_class):
+    import modeling_ijepa
+
+    model = getattr(modeling_ijepa, model_class)(config).eval()
+    context_indices, target_indices = random_masks(config)
+    inputs = {"pixel_values": pixels(config)}
+    if model_class == "IJepaForPreTraining":
+        inputs.update(context_indices=context_indices, target_indices=target_indices)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['output_hidden_state'\]"):
+        model(**inputs, output_hidden_state=True)
 
 
 def test_tuple_output_when_return_dict_is_false(config):
