@@ -10,15 +10,8 @@ from pathlib import Path
 
 from transformers.models.ijepa.configuration_ijepa import IJepaConfig as _TransformersIJepaConfig
 
-from .masking import check_mask_ranges, check_mask_settings
-
-
-def _pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
-    if isinstance(value, (list, tuple)):
-        if len(value) != 2:
-            raise ValueError(f"Expected an int or a (height, width) pair, got {value!r}.")
-        return int(value[0]), int(value[1])
-    return int(value), int(value)
+from .masking import check_mask_ranges, mask_sampler_class, mask_sampler_from_config
+from .masking.base import pair
 
 
 def configuration_dir() -> Path:
@@ -66,6 +59,8 @@ class IJepaConfig(_TransformersIJepaConfig):
         min_context_patches (`int`, *optional*, defaults to 10): a context must keep more patches than this after the
             target patches are removed (the official `min_keep`).
         allow_overlap (`bool`, *optional*, defaults to `False`): keep target patches in the context (off in I-JEPA).
+        mask_strategy (`str`, *optional*, defaults to `"multiblock"`): the masking strategy, a name of
+            `modeling_ijepa.masking.MASK_STRATEGIES` (`"multiblock"`: the official rule; `"random"`: random patches).
         ema_momentum_start / ema_momentum_end (`float`, *optional*, defaults to 0.996 / 1.0): target-encoder EMA
             momentum, linear over training.
 
@@ -92,6 +87,7 @@ class IJepaConfig(_TransformersIJepaConfig):
     context_aspect_ratio: list[float] | tuple[float, float] = (1.0, 1.0)
     min_context_patches: int = 10
     allow_overlap: bool = False
+    mask_strategy: str = "multiblock"
     ema_momentum_start: float = 0.996
     ema_momentum_end: float = 1.0
 
@@ -109,8 +105,8 @@ class IJepaConfig(_TransformersIJepaConfig):
     @property
     def grid_size(self) -> tuple[int, int]:
         """Patch grid `(rows, columns)`."""
-        image_height, image_width = _pair(self.image_size)
-        patch_height, patch_width = _pair(self.patch_size)
+        image_height, image_width = pair(self.image_size)
+        patch_height, patch_width = pair(self.patch_size)
         return image_height // patch_height, image_width // patch_width
 
     @property
@@ -124,6 +120,7 @@ class IJepaConfig(_TransformersIJepaConfig):
         architecture; the model raises when it cannot be built (e.g. heads that do not divide the width, an image size
         that is not a multiple of the patch size), and the mask collator when the masks cannot fit the patch grid.
         """
+        mask_sampler_class(self.mask_strategy)
         check_mask_ranges(
             self.num_target_blocks,
             self.target_scale,
@@ -135,8 +132,8 @@ class IJepaConfig(_TransformersIJepaConfig):
 
     def check_image_and_patch_size(self) -> None:
         """Raise `ValueError` naming the fix when `image_size` is not a multiple of `patch_size`."""
-        image_height, image_width = _pair(self.image_size)
-        patch_height, patch_width = _pair(self.patch_size)
+        image_height, image_width = pair(self.image_size)
+        patch_height, patch_width = pair(self.patch_size)
         if image_height % patch_height or image_width % patch_width:
             raise ValueError(
                 f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}: choose an image size "
@@ -145,15 +142,7 @@ class IJepaConfig(_TransformersIJepaConfig):
 
     def check_mask_settings(self) -> None:
         """Raise `ValueError` naming the fix when the mask settings can never give a valid mask on the patch grid."""
-        check_mask_settings(
-            self.grid_size,
-            self.num_target_blocks,
-            self.target_scale,
-            self.target_aspect_ratio,
-            self.context_scale,
-            self.context_aspect_ratio,
-            self.min_context_patches,
-        )
+        mask_sampler_from_config(self)
 
     # ----------------------------------------------------------------------------------------------------------------
     @classmethod

@@ -33,7 +33,7 @@ from modeling_ijepa import IJepaConfig, IJepaForPreTraining, IJepaModel
 from modeling_ijepa.configuration_ijepa import configuration_dir
 from modeling_ijepa.data import IJepaPretrainingCollator, default_image_processor, load_image_dataset
 from modeling_ijepa.hardware import require_native_cpu_bf16
-from modeling_ijepa.masking import IJepaMaskCollator
+from modeling_ijepa.masking import IJepaMaskCollator, mask_sampler_from_config
 from modeling_ijepa.trainer import IJepaTrainer, IJepaTrainingArguments
 
 logger = logging.getLogger("pretrain")
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> str:
         raise SystemExit(f"pretrain.py: error: invalid model configuration: {error}") from None
 
     # Each process draws its own crops and masks; every draw depends only on (seed, process, batch index).
-    mask_collator = IJepaMaskCollator.from_config(config, seed=training_args.seed + 1_000_003 * training_args.process_index)
+    mask_collator = mask_sampler_from_config(config, seed=training_args.seed + 1_000_003 * training_args.process_index)
     collator = IJepaPretrainingCollator(
         mask_collator, image_processor, crop_scale=(data_args.crop_scale_min, data_args.crop_scale_max)
     )

@@ -1,4 +1,6 @@
-"""I-JEPA multi-block masking as a data collator (the official rule of `src/masks/multiblock.py`, vectorised).
+# Copyright 2026 The ijepa-hf Authors. All rights reserved.
+# Licensed under the Apache License, Version 2.0.
+"""The official I-JEPA multi-block masking rule (`src/masks/multiblock.py` of the authors' code), vectorised.
 
 Per batch, one target-block size and one context-block size are drawn; per image, `num_target_blocks` target blocks and
 one context block are placed at random, the target patches are removed from the context, and every index list is cut to
@@ -7,85 +9,21 @@ the shortest one in the batch so that the tensors stack.
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 from collections.abc import Sequence
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
-from torch.utils.data import default_collate, get_worker_info
 
-logger = logging.getLogger(__name__)
+from .base import MaskSampler, check_mask_settings, pair
+
 
 # After this many consecutive invalid context draws, one fewer target block constrains the context (official rule).
 _DRAWS_PER_RELAXATION = 20
 _MAX_RELAXATIONS_BEFORE_ERROR = 1000
 
 
-def _pair(value: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(value, (list, tuple)):
-        return int(value[0]), int(value[1])
-    return int(value), int(value)
-
-
-def check_mask_ranges(
-    num_target_blocks: int,
-    target_scale: Sequence[float],
-    target_aspect_ratio: Sequence[float],
-    context_scale: Sequence[float],
-    context_aspect_ratio: Sequence[float],
-    min_context_patches: int,
-) -> None:
-    """Raise `ValueError`, saying what to change, for mask settings that are invalid on any patch grid."""
-    for name, value in (
-        ("target_scale", target_scale),
-        ("context_scale", context_scale),
-        ("target_aspect_ratio", target_aspect_ratio),
-        ("context_aspect_ratio", context_aspect_ratio),
-    ):
-        if len(value) != 2:
-            raise ValueError(f"{name} must be a (min, max) pair, got {value!r}.")
-        low, high = float(value[0]), float(value[1])
-        if name.endswith("scale") and not 0.0 < low <= high <= 1.0:
-            raise ValueError(
-                f"{name}={[low, high]} is not a valid area range: it must satisfy 0 < min <= max <= 1 "
-                "(fractions of the patch grid)."
-            )
-        if name.endswith("aspect_ratio") and not 0.0 < low <= high:
-            raise ValueError(f"{name}={[low, high]} is not a valid aspect range: it must satisfy 0 < min <= max.")
-    if num_target_blocks < 1:
-        raise ValueError(f"num_target_blocks={num_target_blocks}: I-JEPA needs at least one target block.")
-    if min_context_patches < 0:
-        raise ValueError(f"min_context_patches={min_context_patches} must be >= 0.")
-
-
-def check_mask_settings(
-    grid_size: tuple[int, int],
-    num_target_blocks: int,
-    target_scale: Sequence[float],
-    target_aspect_ratio: Sequence[float],
-    context_scale: Sequence[float],
-    context_aspect_ratio: Sequence[float],
-    min_context_patches: int,
-) -> None:
-    """Raise `ValueError`, saying what to change, for mask settings that can never give a valid mask on this grid."""
-    check_mask_ranges(
-        num_target_blocks, target_scale, target_aspect_ratio, context_scale, context_aspect_ratio, min_context_patches
-    )
-    rows, columns = grid_size
-    num_patches = rows * columns
-    largest_context = int(num_patches * float(context_scale[1]))
-    if min_context_patches >= min(largest_context, num_patches):
-        raise ValueError(
-            f"min_context_patches={min_context_patches} cannot be met on a {rows}x{columns} patch grid whose largest "
-            f"context block has {largest_context} patches: lower min_context_patches or use a larger image / smaller "
-            "patch size."
-        )
-
-
-class IJepaMaskCollator:
+class MultiBlockMaskSampler(MaskSampler):
     """
     Collate images and sample I-JEPA context and target blocks on the patch grid.
 
@@ -93,7 +31,6 @@ class IJepaMaskCollator:
         image_size / patch_size: int or `(height, width)`; the patch grid is `image_size // patch_size`.
         num_target_blocks: target blocks per image (4 in I-JEPA).
         target_scale / target_aspect_ratio: ranges of a target block's area (fraction of the grid) and height/width.
-        num_context_blocks: context blocks per image (1 in I-JEPA; only 1 is supported).
         context_scale / context_aspect_ratio: the same for the context block.
         min_context_patches: a context (and a target block) must keep more patches than this (official `min_keep`).
         allow_overlap: keep target patches in the context (off in I-JEPA).
@@ -112,23 +49,20 @@ class IJepaMaskCollator:
         num_target_blocks: int = 4,
         target_scale: Sequence[float] = (0.15, 0.2),
         target_aspect_ratio: Sequence[float] = (0.75, 1.5),
-        num_context_blocks: int = 1,
         context_scale: Sequence[float] = (0.85, 1.0),
         context_aspect_ratio: Sequence[float] = (1.0, 1.0),
         min_context_patches: int = 10,
         allow_overlap: bool = False,
         seed: int = 0,
     ):
-        image_height, image_width = _pair(image_size)
-        patch_height, patch_width = _pair(patch_size)
+        image_height, image_width = pair(image_size)
+        patch_height, patch_width = pair(patch_size)
         if image_height % patch_height or image_width % patch_width:
             raise ValueError(
                 f"image_size {image_size} is not divisible by patch_size {patch_size}: choose an image size that is a "
                 "multiple of the patch size."
             )
-        if num_context_blocks != 1:
-            raise ValueError(f"num_context_blocks={num_context_blocks}: I-JEPA uses exactly one context block.")
-        self.grid_size = (image_height // patch_height, image_width // patch_width)
+        super().__init__((image_height // patch_height, image_width // patch_width), seed)
         check_mask_settings(
             self.grid_size,
             num_target_blocks,
@@ -145,43 +79,15 @@ class IJepaMaskCollator:
         self.context_aspect_ratio = tuple(float(v) for v in context_aspect_ratio)
         self.min_context_patches = int(min_context_patches)
         self.allow_overlap = bool(allow_overlap)
-        self.seed = int(seed)
-        self.num_relaxations = 0
-        self._start_batch = 0
-        self._local_count = 0
 
     @classmethod
-    def from_config(cls, config, seed: int = 0) -> "IJepaMaskCollator":
-        """Build the collator from an [`IJepaConfig`] (or any object with the same attribute names)."""
-        defaults = cls.__init__.__defaults__
-        names = cls.__init__.__code__.co_varnames[1 : 1 + len(defaults)]
-        values = {name: getattr(config, name, default) for name, default in zip(names, defaults) if name != "seed"}
-        values["num_context_blocks"] = 1
-        return cls(**values, seed=seed)
-
-    # -- determinism ------------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, int]:
-        return {"seed": self.seed, "batches_drawn": self._start_batch + self._local_count}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.seed = int(state["seed"])
-        self.set_batch_index(int(state["batches_drawn"]))
-
-    def set_batch_index(self, batch_index: int) -> None:
-        """The next batch drawn in the main process is batch `batch_index` (e.g. after resuming a run)."""
-        self._start_batch = int(batch_index)
-        self._local_count = 0
-
-    def next_generator(self) -> torch.Generator:
-        """The generator of the next batch, seeded by `(seed, global batch index)`; advances the batch counter."""
-        worker = get_worker_info()
-        worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        batch_index = self._start_batch + worker_id + num_workers * self._local_count
-        self._local_count += 1
-        generator = torch.Generator()
-        # A fixed affine mix keeps (seed, batch) pairs apart without Python's salted hashing.
-        generator.manual_seed((self.seed * 0x9E3779B97F4A7C15 + batch_index) % (2**63 - 1))
-        return generator
+    def from_config(cls, config, seed: int = 0) -> MultiBlockMaskSampler:
+        """Build the sampler from an [`IJepaConfig`] (or any object with the same attribute names)."""
+        names = (
+            "image_size", "patch_size", "num_target_blocks", "target_scale", "target_aspect_ratio", "context_scale",
+            "context_aspect_ratio", "min_context_patches", "allow_overlap",
+        )
+        return cls(**{name: getattr(config, name) for name in names}, seed=seed)
 
     # -- sampling ---------------------------------------------------------------------------------------------------
     def _sample_block_size(
@@ -276,9 +182,8 @@ class IJepaMaskCollator:
             pending = pending[~found]
             if pending.numel():
                 relaxation += 1
-                self.num_relaxations += int(pending.numel())
                 message = (
-                    f"IJepaMaskCollator: no valid context block after {_DRAWS_PER_RELAXATION * relaxation} draws for "
+                    f"{type(self).__name__}: no valid context block after {_DRAWS_PER_RELAXATION * relaxation} draws for "
                     f"{pending.numel()} image(s); dropping one target block from the constraint (official rule). Use "
                     "a larger patch grid or smaller target_scale to avoid this."
                 )
@@ -290,74 +195,8 @@ class IJepaMaskCollator:
                     )
         return context_masks
 
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        if not examples:
-            raise ValueError("IJepaMaskCollator received an empty batch.")
-        if any("pixel_values" not in example for example in examples):
-            found = sorted({key for example in examples for key in example})
-            raise ValueError(
-                f"Every example needs a `pixel_values` entry (num_channels, height, width); found keys {found}. Apply "
-                "the image transform (e.g. modeling_ijepa.data.PretrainingTransform) before collating."
-            )
-        pixel_values = torch.stack([torch.as_tensor(example["pixel_values"]) for example in examples])
-        others = [{key: value for key, value in example.items() if key != "pixel_values"} for example in examples]
-        batch = default_collate(others) if others[0] else {}
-        batch["pixel_values"] = pixel_values
-        context_indices, target_indices = self.sample_masks(len(examples), self.next_generator())
-        batch["context_indices"] = context_indices
-        batch["target_indices"] = target_indices
-        return batch
 
+# The name this sampler had before masking strategies were pluggable; kept for existing code.
+IJepaMaskCollator = MultiBlockMaskSampler
 
-def draw_mask_grid(
-    image: Image.Image | torch.Tensor | np.ndarray,
-    context_indices: torch.Tensor | Sequence[int],
-    target_indices: torch.Tensor | Sequence[Sequence[int]],
-    grid_size: tuple[int, int],
-    cell_pixels: int | None = None,
-) -> Image.Image:
-    """
-    Picture of one image's masks: the image on the left; on the right the patch grid, context patches in blue and each
-    target block in its own colour (overlaps with the context show the target colour).
-
-    Args:
-        image: PIL image, or `(num_channels, height, width)` tensor/array (any range: rescaled for display).
-        context_indices: `(num_context,)` flattened patch indices.
-        target_indices: `(num_target_blocks, num_target)` flattened patch indices.
-        grid_size: patch grid `(rows, columns)`.
-        cell_pixels: side of one grid cell in the drawing; defaults to the image's patch size (at least 8 px).
-
-    Returns:
-        An RGB `PIL.Image.Image` twice as wide as the (resized) image.
-    """
-    if not isinstance(image, Image.Image):
-        array = torch.as_tensor(image).detach().float().cpu()
-        if array.dim() == 3 and array.shape[0] in (1, 3):
-            array = array.permute(1, 2, 0)
-        array = array - array.min()
-        array = (array / array.max().clamp_min(1e-8) * 255).to(torch.uint8).numpy()
-        image = Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
-    image = image.convert("RGB")
-    rows, columns = grid_size
-    cell = cell_pixels or max(8, image.width // columns)
-    picture = image.resize((columns * cell, rows * cell), Image.NEAREST)
-
-    colours = np.full((rows * columns, 3), 235, dtype=np.uint8)
-    colours[torch.as_tensor(context_indices).reshape(-1).numpy()] = (80, 130, 230)
-    palette = [(220, 50, 50), (245, 150, 30), (40, 170, 80), (150, 70, 200)]
-    for block, indices in enumerate(torch.as_tensor(target_indices).reshape(len(target_indices), -1)):
-        colours[indices.numpy()] = palette[block % len(palette)]
-    grid = Image.fromarray(colours.reshape(rows, columns, 3)).resize((columns * cell, rows * cell), Image.NEAREST)
-    draw = ImageDraw.Draw(grid)
-    for row in range(1, rows):
-        draw.line([(0, row * cell), (columns * cell, row * cell)], fill=(255, 255, 255))
-    for column in range(1, columns):
-        draw.line([(column * cell, 0), (column * cell, rows * cell)], fill=(255, 255, 255))
-
-    canvas = Image.new("RGB", (2 * columns * cell, rows * cell), (255, 255, 255))
-    canvas.paste(picture, (0, 0))
-    canvas.paste(grid, (columns * cell, 0))
-    return canvas
-
-
-__all__ = ["IJepaMaskCollator", "check_mask_ranges", "check_mask_settings", "draw_mask_grid"]
+__all__ = ["MultiBlockMaskSampler", "IJepaMaskCollator"]

@@ -1,0 +1,51 @@
+# Copyright 2026 The ijepa-hf Authors. All rights reserved.
+# Licensed under the Apache License, Version 2.0.
+"""Masking strategies for I-JEPA pre-training, selected by name (`config.mask_strategy`, `--mask_strategy`).
+
+Each strategy is a [`MaskSampler`] in its own file (the protocol is documented in `base.py`) and one entry of
+`MASK_STRATEGIES`. Adding a strategy: write `masking/my_rule.py` with a `MaskSampler` subclass, then add
+`"my_rule": MyRuleMaskSampler` below.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from .base import MaskSampler, check_mask_ranges, check_mask_settings
+from .multiblock import IJepaMaskCollator, MultiBlockMaskSampler
+from .random_patches import RandomPatchMaskSampler
+from .visualize import draw_mask_grid
+
+
+MASK_STRATEGIES: dict[str, type[MaskSampler]] = {
+    "multiblock": MultiBlockMaskSampler,  # the official I-JEPA rule (default)
+    "random": RandomPatchMaskSampler,
+}
+
+
+def mask_sampler_class(name: str) -> type[MaskSampler]:
+    """The sampler class registered as `name`; a `ValueError` lists the names (with a did-you-mean hint) otherwise."""
+    if name in MASK_STRATEGIES:
+        return MASK_STRATEGIES[name]
+    close = difflib.get_close_matches(name, MASK_STRATEGIES, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"Unknown mask strategy {name!r}: choose one of {sorted(MASK_STRATEGIES)}.{hint}")
+
+
+def mask_sampler_from_config(config, seed: int = 0) -> MaskSampler:
+    """The sampler of `config.mask_strategy` (default `"multiblock"`), built from the config's mask settings."""
+    return mask_sampler_class(getattr(config, "mask_strategy", "multiblock")).from_config(config, seed=seed)
+
+
+__all__ = [
+    "MASK_STRATEGIES",
+    "IJepaMaskCollator",
+    "MaskSampler",
+    "MultiBlockMaskSampler",
+    "RandomPatchMaskSampler",
+    "check_mask_ranges",
+    "check_mask_settings",
+    "draw_mask_grid",
+    "mask_sampler_class",
+    "mask_sampler_from_config",
+]
