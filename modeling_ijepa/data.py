@@ -381,9 +381,11 @@ class PixelNormalizer:
         """`uint8` `(batch, 3, height, width)` -> `dtype` `(batch, 3, height, width)`."""
         if pixel_values.dtype != torch.uint8:
             raise TypeError(f"PixelNormalizer expects uint8 pixel_values, got {pixel_values.dtype}.")
-        mean = torch.tensor(self.mean, dtype=dtype, device=pixel_values.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=dtype, device=pixel_values.device).view(1, -1, 1, 1)
-        return pixel_values.to(dtype).mul_(self.rescale_factor).sub_(mean).div_(std)
+        mean = torch.tensor(self.mean, dtype=torch.float64)
+        std = torch.tensor(self.std, dtype=torch.float64)
+        scale = (self.rescale_factor / std).to(dtype=dtype, device=pixel_values.device).view(1, -1, 1, 1)
+        shift = (mean / std).to(dtype=dtype, device=pixel_values.device).view(1, -1, 1, 1)
+        return pixel_values.to(dtype).mul_(scale).sub_(shift)
 
 
 class _SkippingCollator:
