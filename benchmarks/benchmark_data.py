@@ -170,8 +170,9 @@ class AuthorsImageFolder(torch.utils.data.Dataset):
         with open(path, "rb") as file:
             image = Image.open(file).convert("RGB")
         image = random_resized_crop(image, (self.size, self.size), self.generator, scale=self.scale)  # bilinear, PIL
-        tensor = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).contiguous().float().div(255)  # ToTensor
-        return (tensor - self.mean) / self.std, label  # Normalize
+        # ToTensor, then Normalize
+        tensor = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).contiguous().float().div(255)
+        return (tensor - self.mean) / self.std, label
 
 
 class AuthorsCollator:
@@ -257,7 +258,7 @@ def _batch_size_of(batch) -> int:
 
 
 def time_loader(dataset, collate, batch_size: int, num_workers: int, passes: int) -> float:
-    """Images per second of a DataLoader with `num_workers` persistent workers, over `passes` passes after a warm-up."""
+    """Images per second of a DataLoader with `num_workers` persistent workers, `passes` passes after a warm-up."""
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -344,8 +345,9 @@ def main(argv=None) -> dict:
     authors_data = AuthorsImageFolder(files, size=args.image_size)
     authors_collate = AuthorsCollator(ReferenceMaskCollator.from_config(config))
     paths = PathList(files)
+    today = TodayCollator(IJepaMaskCollator.from_config(config), processor)
     single = {
-        "today's collator (PIL, image processor)": (mapped, TodayCollator(IJepaMaskCollator.from_config(config), processor)),
+        "today's collator (PIL, image processor)": (mapped, today),
         "authors' pipeline (restated)": (authors_data, authors_collate),
         "ours, float32 out": (mapped, ours(False)),
         "ours, uint8 out": (mapped, ours(True)),
@@ -392,7 +394,9 @@ def main(argv=None) -> dict:
         print("\n| DataLoader | " + " | ".join(f"{w} worker(s), images/s" for w in args.workers) + " | scaling |")
         print("|---|" + "---|" * (len(args.workers) + 1))
         for name, (dataset, collate) in loaders.items():
-            worker_rates[name] = {w: time_loader(dataset, collate, args.batch_size, w, args.passes) for w in args.workers}
+            worker_rates[name] = {
+                w: time_loader(dataset, collate, args.batch_size, w, args.passes) for w in args.workers
+            }
             row = [f"{worker_rates[name][w]:,.0f}" for w in args.workers]
             scaling = worker_rates[name][max(args.workers)] / worker_rates[name][min(args.workers)]
             print(f"| {name} | " + " | ".join(row) + f" | {scaling:.2f}x |", flush=True)
