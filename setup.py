@@ -30,6 +30,7 @@ setup(
         "evaluate>=0.4",
         "safetensors>=0.4",
         "pillow>=10",
+        "simplejpeg>=1.8",
         "numpy",
         "pyyaml",
         "matplotlib",

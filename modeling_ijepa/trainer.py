@@ -250,7 +250,7 @@ class IJepaTrainer(Trainer):
     # -- step -------------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         outputs = model(
-            pixel_values=inputs["pixel_values"],
+            pixel_values=self._float_pixel_values(inputs["pixel_values"]),
             context_indices=inputs["context_indices"],
             target_indices=inputs["target_indices"],
         )
@@ -273,6 +273,18 @@ class IJepaTrainer(Trainer):
                     self._step_metrics["target_feature_std"] = float(targets.std(dim=0).mean())
                     self._step_metrics["pooled_effective_rank"] = effective_rank(outputs.target_pooler_output.detach())
         return (loss, outputs) if return_outputs else loss
+
+    def _float_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Normalise `uint8` batches (`IJepaPretrainingCollator(output_uint8=True)`) here, on the training device."""
+        if pixel_values.dtype != torch.uint8:
+            return pixel_values
+        normalize = getattr(self.data_collator, "normalize", None)
+        if normalize is None:
+            raise TypeError(
+                "pixel_values arrived as uint8 but the data collator has no `normalize` method to turn them into "
+                "normalised floats: use IJepaPretrainingCollator, or return float pixel_values from the collator."
+            )
+        return normalize(pixel_values)
 
     def _is_logging_step(self) -> bool:
         # compute_loss runs before the step counter moves: the step being computed is global_step + 1.
