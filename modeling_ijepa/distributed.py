@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 LOCK_FILE_NAME = ".ijepa_run_lock.json"
 
 
+class OutputDirInUseError(ValueError):
+    """Another live training run holds the `output_dir` (see [`claim_output_dir`])."""
+
+
 def requested_fsdp_plugin(training_args) -> "accelerate.utils.FullyShardedDataParallelPlugin | None":  # noqa: F821
     """
     The FSDP plugin a launch asks for: from `TrainingArguments.fsdp` / `fsdp_config`, else from the environment that
@@ -219,6 +223,7 @@ def release_output_dir(output_dir: str) -> None:
 
 
 __all__ = [
+    "OutputDirInUseError",
     "requested_fsdp_plugin",
     "enable_fsdp2_on_cpu",
     "use_fp32_gradient_reduction",

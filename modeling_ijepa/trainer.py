@@ -20,6 +20,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .data import shard_for_process
 from .distributed import (
+    OutputDirInUseError,
     claim_output_dir,
     describe_distributed_mode,
     enable_fsdp2_on_cpu,
@@ -188,7 +189,7 @@ class IJepaTrainer(Trainer):
         if self.accelerator.num_processes > 1:
             broadcast_object_list(refusal)
         if refusal[0] is not None:
-            raise ValueError(refusal[0])
+            raise OutputDirInUseError(refusal[0])
         try:
             return super().train(*args, **kwargs)
         finally:

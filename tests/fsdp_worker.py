@@ -1,6 +1,7 @@
 """
-Worker of tests/test_fsdp.py, started by `torchrun --nproc_per_node 2` with the environment `accelerate launch --use_fsdp
---fsdp_version 2` sets. Every rank runs the real `IJepaTrainer` (and pretrain.py's final save) under FSDP2 on CPU:
+Worker of tests/test_fsdp.py, started by `torchrun --nproc_per_node 2` with the environment that
+`accelerate launch --use_fsdp --fsdp_version 2` sets. Every rank runs the real `IJepaTrainer` (and pretrain.py's final
+save) under FSDP2 on CPU:
 
 1. 4 optimiser steps with a sharded checkpoint at step 2, recording the collectives of every EMA update, per-rank
    parameter and optimiser memory, and which parameters the optimiser holds;
@@ -24,7 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fsdp_common import MAX_STEPS, SAVE_STEPS, build_collator, build_dataset, build_model, training_arguments  # noqa: E402
+from fsdp_common import (  # noqa: E402
+    MAX_STEPS,
+    SAVE_STEPS,
+    build_collator,
+    build_dataset,
+    build_model,
+    training_arguments,
+)
 
 
 def _load_pretrain_script():
