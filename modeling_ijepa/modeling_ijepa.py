@@ -550,6 +550,10 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         """The encoder to use downstream: the EMA target encoder, as the authors released it."""
         return self.target_encoder
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The context encoder's patch embedding (looked up by transformers utilities and accelerate's FSDP2 wrapping)."""
+        return self.encoder.get_input_embeddings()
+
     def _freeze_fixed_parameters(self) -> None:
         """Fixed position embeddings, and the whole target encoder: it follows the encoder by EMA, not by gradients."""
         super()._freeze_fixed_parameters()

@@ -19,6 +19,16 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .data import shard_for_process
+from .distributed import (
+    OutputDirInUseError,
+    claim_output_dir,
+    describe_distributed_mode,
+    enable_fsdp2_on_cpu,
+    release_output_dir,
+    requested_fsdp_plugin,
+    use_fp32_gradient_reduction,
+    validate_launch,
+)
 from .hardware import require_native_cpu_bf16
 from .modeling_ijepa import IJepaForPreTraining
 
@@ -138,7 +148,11 @@ class IJepaTrainer(Trainer):
     - logs lr, wd, momentum, context/target token counts and collapse monitors (std of the target features over
       samples, averaged over dimensions, and the effective rank of the pooled target features);
     - a non-finite loss stops the run before the optimiser step, so the last checkpoint stays the last good one;
-    - checkpoints are written to a staging folder and renamed, so a kill during a save never leaves a partial one.
+    - checkpoints are written to a staging folder and renamed, so a kill during a save never leaves a partial one;
+    - distributed runs: the mode the run really trains in is logged (`distributed_mode`); FSDP2 (`--use_fsdp
+      --fsdp_version 2`, or `fsdp`/`fsdp_config` arguments) shards encoder, predictor and target encoder per
+      `IJepaLayer` and at the root, on GPUs and on CPU (gloo) alike, with the EMA update on the local shards;
+      launches that cannot be honoured fail at start, and two runs never share an `output_dir` unknowingly.
     """
 
     args: IJepaTrainingArguments
@@ -149,6 +163,41 @@ class IJepaTrainer(Trainer):
         super().__init__(model=model, args=args, **kwargs)
         self.add_callback(_IJepaScheduleCallback(self))
         self._step_metrics: dict[str, float] = {}
+
+    # -- distributed set-up ------------------------------------------------------------------------------------------
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's accelerator, then FSDP2 on CPU where accelerate leaves it off, launch checks, and the log."""
+        super().create_accelerator_and_postprocess()
+        plugin = requested_fsdp_plugin(self.args)
+        if plugin is not None and not self.is_fsdp_enabled:
+            enable_fsdp2_on_cpu(self.accelerator, plugin)
+            self.is_fsdp_enabled = True
+            if self.args.save_only_model and "SHARDED_STATE_DICT" in str(plugin.state_dict_type):
+                raise ValueError(
+                    "--save_only_model cannot be combined with FSDP's SHARDED_STATE_DICT: drop --save_only_model, or "
+                    "set fsdp_state_dict_type FULL_STATE_DICT."
+                )
+        validate_launch(self.accelerator)
+        if self.is_fsdp_enabled:
+            use_fp32_gradient_reduction(self.accelerator.state.fsdp_plugin)
+        self.distributed_mode = describe_distributed_mode(self.accelerator)
+        logger.info("distributed mode: %s (process %d)", self.distributed_mode, self.accelerator.process_index)
+
+    def train(self, *args, **kwargs):
+        """[`~transformers.Trainer.train`], with `output_dir` claimed for this run while it trains."""
+        from accelerate.utils import broadcast_object_list
+
+        output_dir = self.args.output_dir
+        refusal = [claim_output_dir(output_dir) if self.args.should_save else None]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(refusal)
+        if refusal[0] is not None:
+            raise OutputDirInUseError(refusal[0])
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self.args.should_save:
+                release_output_dir(output_dir)
 
     # -- optimiser and schedules ------------------------------------------------------------------------------------
     def _ijepa_model(self) -> IJepaForPreTraining:
@@ -315,6 +364,27 @@ class IJepaTrainer(Trainer):
                 "resume with the same --model_preset and --config_overrides it was trained with."
             )
         target.load_state_dict(state)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """
+        [`~transformers.Trainer.save_model`]; under FSDP with sharded state dicts the Trainer writes nothing here (its
+        checkpoints hold the sharded state), so the final model is gathered and saved as one safetensors file that
+        `from_pretrained` loads. Collective: call it on every process.
+        """
+        plugin = self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None
+        sharded = plugin is not None and "SHARDED_STATE_DICT" in str(plugin.state_dict_type)
+        if not sharded or _internal_call:
+            return super().save_model(output_dir, _internal_call=_internal_call)
+        output_dir = self.args.output_dir if output_dir is None else output_dir
+        state_dict = self.accelerator.get_state_dict(self.model)  # gathered on the main process
+        if self.args.should_save:
+            # A plain (unsharded) copy built on the meta device holds the gathered tensors without copying them.
+            model = self._ijepa_model()
+            with torch.device("meta"):
+                plain = type(model)(model.config)
+            plain.load_state_dict(state_dict, assign=True)
+            plain.save_pretrained(output_dir)
+        self.accelerator.wait_for_everyone()
 
     def _save_checkpoint(self, model, trial) -> None:
         """Write `checkpoint-N` under a staging name and rename it when complete (a kill never leaves a partial one)."""
