@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from .configuration_ijepa import IJepaConfig, _pair, configuration_dir, list_presets
+from .configuration_ijepa import IJepaConfig, configuration_dir, list_presets
 from .data import default_image_processor
 from .modeling_ijepa import IJepaForPreTraining
 
@@ -451,7 +451,7 @@ def convert_official_checkpoint(
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.converting-", dir=output_dir.parent))
     try:
-        image_processor = default_image_processor(_pair(config.image_size)[0])
+        image_processor = default_image_processor(config.image_size)
         # The encoder shares its config with the pre-training model, and saving records the class in it: save the
         # encoder first so that the returned model's config names IJepaForPreTraining.
         pretraining_model.get_encoder().save_pretrained(staging_dir)

@@ -28,6 +28,7 @@ from transformers import ViTImageProcessorPil
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .masking import IJepaMaskCollator
+from .masking.base import pair
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +37,15 @@ LABEL_COLUMN_CANDIDATES = ("label", "labels", "cls", "class")
 DIGITS_TEST_SIZE = 597
 
 
-def default_image_processor(image_size: int = 224) -> ViTImageProcessorPil:
-    """Resize to `image_size` x `image_size`, rescale to [0, 1], normalise with the ImageNet mean/std."""
+def default_image_processor(image_size: int | Sequence[int] = 224) -> ViTImageProcessorPil:
+    """
+    Resize to `image_size` (an int, or a model config's `(height, width)`), rescale to [0, 1], normalise with the
+    ImageNet mean/std.
+    """
+    height, width = pair(image_size)
     return ViTImageProcessorPil(
         do_resize=True,
-        size={"height": image_size, "width": image_size},
+        size={"height": height, "width": width},
         resample=Image.BICUBIC,
         image_mean=list(IMAGENET_DEFAULT_MEAN),
         image_std=list(IMAGENET_DEFAULT_STD),

@@ -219,10 +219,7 @@ def load_image_processor(model_name_or_path: str, config, cache_dir: str | None 
             return AutoImageProcessor.from_pretrained(model_name_or_path, cache_dir=cache_dir)
         except (OSError, ValueError) as error:
             logger.info("No image processor saved with %s (%s); using the default one.", model_name_or_path, error)
-    processor = default_image_processor(_square_size(config.image_size))
-    if isinstance(config.image_size, (list, tuple)):
-        processor.size = {"height": int(config.image_size[0]), "width": int(config.image_size[1])}
-    return processor
+    return default_image_processor(config.image_size)
 
 
 def load_encoder(
