@@ -51,7 +51,7 @@ from reference_ijepa import (  # noqa: E402
 
 from modeling_ijepa import IJepaConfig, IJepaForPreTraining, hardware  # noqa: E402
 from modeling_ijepa.masking import IJepaMaskCollator  # noqa: E402
-from modeling_ijepa.trainer import ijepa_optimizer  # noqa: E402
+from modeling_ijepa.optimization import ijepa_optimizer  # noqa: E402
 
 DEFAULT_MODELS = ("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224")
 SHORT_NAMES = {"vit-t": "vit_tiny_patch16_224", "vit-s": "vit_small_patch16_224", "vit-b": "vit_base_patch16_224"}

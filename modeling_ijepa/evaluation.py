@@ -462,51 +462,6 @@ def knn_accuracy(
 # ------------------------------------------------------------------------------------------------------------------
 # Fine-tuning
 # ------------------------------------------------------------------------------------------------------------------
-def encoder_layer_id(parameter_name: str, num_layers: int) -> int:
-    """
-    Depth of a parameter for layer-wise LR decay: 0 for the patch/position embeddings, `i + 1` for transformer layer
-    `i`, `num_layers + 1` for everything after the layers (final LayerNorm, classifier head).
-    """
-    if ".embeddings." in f".{parameter_name}":
-        return 0
-    parts = parameter_name.split(".")
-    if "layers" in parts:
-        position = parts.index("layers")
-        if position + 1 < len(parts) and parts[position + 1].isdigit():
-            return int(parts[position + 1]) + 1
-    return num_layers + 1
-
-
-def layer_decay_parameter_groups(
-    model: nn.Module, weight_decay: float, layer_decay: float, learning_rate: float
-) -> list[dict]:
-    """
-    Optimiser parameter groups with layer-wise learning-rate decay (BEiT / MAE fine-tuning): the parameters of depth
-    `d` (see [`encoder_layer_id`]) get `learning_rate * layer_decay ** (num_layers + 1 - d)`, so the head trains at
-    the full rate and the embeddings at the smallest. Biases and other 1-D parameters get no weight decay.
-    Frozen parameters are left out.
-    """
-    if not 0.0 < layer_decay <= 1.0:
-        raise ValueError(f"--layer_decay must be in (0, 1], got {layer_decay}.")
-    num_layers = int(model.config.num_hidden_layers)
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        layer_id = encoder_layer_id(name, num_layers)
-        decay = parameter.ndim > 1
-        group = groups.setdefault(
-            (layer_id, decay),
-            {
-                "params": [],
-                "weight_decay": weight_decay if decay else 0.0,
-                "lr": learning_rate * layer_decay ** (num_layers + 1 - layer_id),
-            },
-        )
-        group["params"].append(parameter)
-    return [groups[key] for key in sorted(groups)]
-
-
 def write_model_card(
     output_dir: str | Path,
     base_model: str,
@@ -611,8 +566,6 @@ __all__ = [
     "accuracy_metric_fn",
     "knn_predict",
     "knn_accuracy",
-    "encoder_layer_id",
-    "layer_decay_parameter_groups",
     "write_model_card",
     "classification_metrics",
     "save_metrics",

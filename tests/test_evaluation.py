@@ -21,15 +21,14 @@ from transformers.models.ijepa import modeling_ijepa as vanilla
 
 from modeling_ijepa import IJepaForImageClassification, IJepaForPreTraining, IJepaModel
 from modeling_ijepa.data import default_image_processor, load_digits_dataset
+from modeling_ijepa.optimization import encoder_layer_id, layer_decay_parameter_groups
 from modeling_ijepa.evaluation import (
     DataArguments,
     FrozenEncoderClassifier,
     LinearClassifierHead,
-    encoder_layer_id,
     extract_features,
     knn_accuracy,
     knn_predict,
-    layer_decay_parameter_groups,
     load_accuracy,
     load_encoder,
     sample_label_fraction,

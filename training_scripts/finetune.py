@@ -30,7 +30,6 @@ from modeling_ijepa.evaluation import (
     accuracy_metric_fn,
     classification_metrics,
     extract_features,
-    layer_decay_parameter_groups,
     load_classification_datasets,
     load_image_processor,
     parse_arguments,
@@ -39,6 +38,7 @@ from modeling_ijepa.evaluation import (
     write_model_card,
 )
 from modeling_ijepa.modeling_ijepa import IJepaForImageClassification
+from modeling_ijepa.optimization import layer_decay_parameter_groups
 
 logger = logging.getLogger(__name__)
 
