@@ -69,7 +69,8 @@ class IJepaPretrainingCollator(_SkippingCollator):
     Pre-training batches: decode, random-resized-crop and normalise each image, then sample I-JEPA masks.
 
     Crops and masks come from the mask collator's per-batch generator (seeded by `(seed, batch index)`), so a batch
-    is a pure function of its examples and its index: resuming from `state_dict()` reproduces the run exactly.
+    is a pure function of its examples and its index: a run resumed at batch `i` (`set_batch_index(i)`) sees
+    the batches of an uninterrupted one.
 
     JPEGs are decoded with libjpeg-turbo (`decode_image_array`), each crop is resized once, straight to the
     processor's size, with an antialiased bilinear kernel (`crop_and_resize`), and the processor's rescale and
@@ -100,12 +101,6 @@ class IJepaPretrainingCollator(_SkippingCollator):
         self.size = _processor_size(image_processor)
         self.output_uint8 = bool(output_uint8)
         self.normalize = PixelNormalizer(image_processor)
-
-    def state_dict(self) -> dict[str, int]:
-        return self.mask_collator.state_dict()
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.mask_collator.load_state_dict(state)
 
     def set_batch_index(self, batch_index: int) -> None:
         self.mask_collator.set_batch_index(batch_index)
