@@ -1,0 +1,55 @@
+# Copyright 2026 The ijepa-hf Authors. All rights reserved.
+# Licensed under the Apache License, Version 2.0.
+"""Data for I-JEPA, one job per module:
+
+- `sources.py`: datasets through `datasets` (hub, local imagefolder / parquet, the embedded digits default), column
+  standardisation, hub reachability, per-process shards of a stream;
+- `images.py`: decoding (libjpeg-turbo through `simplejpeg`, PIL for the rest), random-resized-crop boxes, crop +
+  resize, the default image processor and the pixel normalisation;
+- `collators.py`: the pre-training and image-classification collators, on a shared base that skips and counts
+  undecodable images.
+
+Every public name is importable from `modeling_ijepa.data`.
+"""
+
+from .collators import IJepaPretrainingCollator, ImageClassificationCollator
+from .images import (
+    PixelNormalizer,
+    crop_and_resize,
+    decode_image,
+    decode_image_array,
+    default_image_processor,
+    random_resized_crop,
+    random_resized_crop_box,
+)
+from .sources import (
+    DIGITS_TEST_SIZE,
+    IMAGE_COLUMN_CANDIDATES,
+    LABEL_COLUMN_CANDIDATES,
+    digits_split,
+    hub_is_reachable,
+    load_digits_dataset,
+    load_image_dataset,
+    shard_for_process,
+)
+
+
+__all__ = [
+    "DIGITS_TEST_SIZE",
+    "IMAGE_COLUMN_CANDIDATES",
+    "LABEL_COLUMN_CANDIDATES",
+    "default_image_processor",
+    "digits_split",
+    "load_digits_dataset",
+    "load_image_dataset",
+    "hub_is_reachable",
+    "shard_for_process",
+    "decode_image",
+    "decode_image_array",
+    "random_resized_crop",
+    "random_resized_crop_box",
+    "crop_and_resize",
+    "PixelNormalizer",
+    "IJepaPretrainingCollator",
+    "ImageClassificationCollator",
+]
