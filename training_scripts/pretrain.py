@@ -30,6 +30,7 @@ from modeling_ijepa.cli import RecipeArgumentParser, parse_config_overrides
 from modeling_ijepa.data import IJepaPretrainingCollator, default_image_processor, load_image_dataset
 from modeling_ijepa.distributed import OutputDirInUseError
 from modeling_ijepa.masking import mask_sampler_from_config
+from modeling_ijepa.output_layout import pretraining_dir, write_output_layout
 from modeling_ijepa.trainer import IJepaTrainer, IJepaTrainingArguments
 
 
@@ -167,15 +168,13 @@ def build_train_dataset(data_args: DataArguments, training_args: IJepaTrainingAr
 
 def save_final_model(trainer: IJepaTrainer, config: IJepaConfig, image_processor, output_dir: str) -> None:
     """Target encoder + image processor at the top of `output_dir`; the full pre-training model in `pretraining/`."""
-    trainer.save_model(os.path.join(output_dir, "pretraining"))
+    trainer.save_model(str(pretraining_dir(output_dir)))
     state_dict = trainer.accelerator.get_state_dict(trainer.model)  # gathers FSDP shards; collective on all ranks
     if trainer.args.should_save:
         prefix = "target_encoder."
         encoder = IJepaModel(config)
         encoder.load_state_dict({k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)})
-        encoder.save_pretrained(output_dir)
-        image_processor.save_pretrained(output_dir)
-        image_processor.save_pretrained(os.path.join(output_dir, "pretraining"))
+        write_output_layout(output_dir, encoder, image_processor)
     trainer.accelerator.wait_for_everyone()
 
 
