@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -108,6 +109,9 @@ class IJepaTrainer(Trainer):
       samples, averaged over dimensions, and the effective rank of the pooled target features);
     - a non-finite loss stops the run before the optimiser step, so the last checkpoint stays the last good one;
     - checkpoints are written to a staging folder and renamed, so a kill during a save never leaves a partial one;
+    - with a `knn_monitor` ([`~modeling_ijepa.monitoring.KnnMonitor`]), [`evaluate`] scores the frozen target encoder
+      by k-NN on labelled images (`eval_knn_accuracy`), so `eval_strategy` / `eval_steps` schedule it and
+      `metric_for_best_model="knn_accuracy"` with `load_best_model_at_end` keeps the best encoder, not the last;
     - distributed runs: the mode the run really trains in is logged (`distributed_mode`); FSDP2 (`--use_fsdp
       --fsdp_version 2`, or `fsdp`/`fsdp_config` arguments) shards encoder, predictor and target encoder per
       `IJepaLayer` and at the root, on GPUs and on CPU (gloo) alike, with the EMA update on the local shards;
@@ -116,9 +120,17 @@ class IJepaTrainer(Trainer):
 
     args: IJepaTrainingArguments
 
-    def __init__(self, model: IJepaForPreTraining, args: IJepaTrainingArguments, **kwargs):
+    def __init__(self, model: IJepaForPreTraining, args: IJepaTrainingArguments, knn_monitor=None, **kwargs):
         if args.bf16 and args.device.type == "cpu":
             require_native_cpu_bf16("--bf16")
+        self.knn_monitor = knn_monitor
+        if knn_monitor is not None:
+            if kwargs.get("eval_dataset") is not None:
+                raise ValueError(
+                    "Pass either eval_dataset or knn_monitor to IJepaTrainer, not both: with a k-NN monitor, "
+                    "evaluation scores the monitor's labelled images."
+                )
+            kwargs["eval_dataset"] = knn_monitor.eval_dataset  # what `evaluate` scores; satisfies eval_strategy
         super().__init__(model=model, args=args, **kwargs)
         self.add_callback(_IJepaScheduleCallback(self))
         self._step_metrics: dict[str, float] = {}
@@ -137,6 +149,11 @@ class IJepaTrainer(Trainer):
                     "set fsdp_state_dict_type FULL_STATE_DICT."
                 )
         validate_launch(self.accelerator)
+        if self.is_fsdp_enabled and self.knn_monitor is not None:
+            raise ValueError(
+                "The k-NN monitor does not run under FSDP yet (the target encoder's root parameters stay sharded "
+                "outside the model's forward): set --eval_strategy no, or train with DDP."
+            )
         if self.is_fsdp_enabled:
             use_fp32_gradient_reduction(self.accelerator.state.fsdp_plugin)
         self.distributed_mode = describe_distributed_mode(self.accelerator)
@@ -298,6 +315,31 @@ class IJepaTrainer(Trainer):
             logs.update(self._step_metrics)
         super().log(logs, start_time)
 
+    # -- evaluation -------------------------------------------------------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """
+        With a `knn_monitor`: k-NN accuracy of the frozen target encoder on the monitor's images, logged and returned
+        as `{prefix}_knn_accuracy` (plus `{prefix}_runtime`); no gradient, no random number, no data-loader state is
+        touched, so the training that follows is the same as without evaluation. Without one: the Trainer's own
+        evaluation of `eval_dataset`.
+        """
+        if self.knn_monitor is None:
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        if eval_dataset is not None:
+            raise ValueError(
+                "This trainer's evaluation is its k-NN monitor, which scores its own images: call evaluate() without "
+                "eval_dataset, or build a KnnMonitor for the other images."
+            )
+        start = time.perf_counter()
+        scores = self.knn_monitor.evaluate(
+            self._ijepa_model().get_encoder(), device=self.args.device, autocast=self.autocast_smart_context_manager
+        )
+        metrics = {f"{metric_key_prefix}_knn_accuracy": scores["knn_accuracy"]}
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - start, 4)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
     # -- checkpoints ------------------------------------------------------------------------------------------------
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """
@@ -318,6 +360,16 @@ class IJepaTrainer(Trainer):
                 "resume with the same --model_preset and --config_overrides it was trained with."
             )
         target.load_state_dict(state)
+
+    def _load_best_model(self) -> None:
+        """
+        `load_best_model_at_end`, through [`_load_from_checkpoint`]: the Trainer's own loader is not strict and would
+        skip our vanilla-compatible key names.
+        """
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super()._load_best_model()
+        logger.info("loading the best model, %s (score %s)", self.state.best_model_checkpoint, self.state.best_metric)
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """
@@ -351,8 +403,16 @@ class IJepaTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             transformers_trainer.PREFIX_CHECKPOINT_DIR = original_prefix
+        # The Trainer recorded the best checkpoint under the staging name (or missed it): point it at its final name.
+        best_step = self.state.best_global_step
+        best_dir = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{best_step}")
+        best_moved = bool(best_step) and (best_step == self.state.global_step or os.path.isdir(best_dir))
+        if best_moved:
+            self.state.best_model_checkpoint = best_dir
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
+            if best_moved:  # the copy of the state inside the checkpoint, read on resume
+                self.state.save_to_json(os.path.join(staging_dir, transformers_trainer.TRAINER_STATE_NAME))
             if os.path.isdir(final_dir):
                 shutil.rmtree(final_dir)
             os.replace(staging_dir, final_dir)

@@ -30,7 +30,11 @@ def _load_script():
 
 pretrain = _load_script()
 
-FAST = ["--per_device_train_batch_size", "16", "--logging_steps", "1", "--save_steps", "2", "--disable_tqdm", "true"]
+# The recipe's k-NN monitor runs every --eval_steps; keeping the best model needs --save_steps a multiple of it.
+FAST = [
+    "--per_device_train_batch_size", "16", "--logging_steps", "1", "--save_steps", "2", "--eval_steps", "2",
+    "--monitor_max_train_samples", "100", "--monitor_max_eval_samples", "50", "--disable_tqdm", "true",
+]
 
 
 def _env(**extra) -> dict:

@@ -11,7 +11,13 @@ command line. Data: `--dataset_name` (hub, `--streaming` recommended), `--train_
 optionally `--streaming`), or nothing (scikit-learn's bundled digits, offline). At the end `output_dir` holds the
 target encoder and its image processor (loadable by `AutoModel.from_pretrained` and by vanilla transformers),
 `output_dir/pretraining` the full `IJepaForPreTraining` (encoder, predictor, target encoder), and
-`training_curves.png` (loss, learning rate, collapse monitors).
+`training_curves.png` (loss, k-NN accuracy, collapse monitors, learning rate).
+
+Evaluation is the k-NN monitor: with `--eval_strategy steps --eval_steps N`, the frozen target encoder is scored by
+k-NN on labelled images every N steps (`eval_knn_accuracy`; the embedded digits, or `--monitor_train_dir` /
+`--monitor_eval_dir`), and `--metric_for_best_model knn_accuracy --load_best_model_at_end` saves the best encoder
+rather than the last. The `tiny-cpu` recipe turns it on; `--eval_strategy no --load_best_model_at_end false` turns
+it off.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from modeling_ijepa.cli import RecipeArgumentParser, parse_config_overrides
 from modeling_ijepa.data import IJepaPretrainingCollator, default_image_processor, load_image_dataset
 from modeling_ijepa.distributed import OutputDirInUseError
 from modeling_ijepa.masking import mask_sampler_from_config
+from modeling_ijepa.monitoring import KnnMonitor, load_knn_monitor_datasets
 from modeling_ijepa.output_layout import pretraining_dir, write_output_layout
 from modeling_ijepa.trainer import IJepaTrainer, IJepaTrainingArguments
 
@@ -106,6 +113,25 @@ class DataArguments:
         default=False, metadata={"help": "Fail when no data is given instead of using the embedded digits."}
     )
     cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder."})
+    # The k-NN monitor: pre-training's evaluation (it runs whenever --eval_strategy says so).
+    monitor_train_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "k-NN monitor reference images (imagefolder, one sub-folder per class). Default: the embedded "
+            "digits, or a held-out split of --train_dir when it has class sub-folders."
+        },
+    )
+    monitor_eval_dir: str | None = field(
+        default=None, metadata={"help": "k-NN monitor query images (default: a split of --monitor_train_dir)."}
+    )
+    monitor_max_train_samples: int | None = field(
+        default=None, metadata={"help": "Fixed random subset of the monitor's reference images (cost per eval)."}
+    )
+    monitor_max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Fixed random subset of the monitor's query images."}
+    )
+    monitor_k: int = field(default=20, metadata={"help": "Neighbours in the monitor's k-NN vote."})
+    monitor_temperature: float = field(default=0.07, metadata={"help": "Temperature of the k-NN vote weights."})
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, IJepaTrainingArguments, str]:
@@ -126,6 +152,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         parser.error("--streaming data has no length: set --max_steps (the recipes give epochs as steps).")
     if data_args.require_data and not (data_args.dataset_name or data_args.train_dir):
         parser.error(f"recipe {Path(recipe_path).name} needs data: pass --dataset_name or --train_dir.")
+    if training_args.eval_strategy != "no":
+        if data_args.monitor_eval_dir and not data_args.monitor_train_dir:
+            parser.error("--monitor_eval_dir needs --monitor_train_dir (the k-NN reference images) too.")
     return model_args, data_args, training_args, recipe_path
 
 
@@ -166,6 +195,37 @@ def build_train_dataset(data_args: DataArguments, training_args: IJepaTrainingAr
     return dataset
 
 
+def build_knn_monitor(data_args: DataArguments, training_args: IJepaTrainingArguments, image_processor, image_size):
+    """The k-NN monitor that pre-training's evaluation runs, or `None` when `--eval_strategy no`."""
+    if training_args.eval_strategy == "no":
+        return None
+    if data_args.dataset_name and not data_args.monitor_train_dir:
+        raise ValueError(f"no labelled images to score {data_args.dataset_name} pre-training with.")
+    train_dir = data_args.monitor_train_dir or (None if data_args.streaming else data_args.train_dir)
+    if data_args.streaming and not data_args.monitor_train_dir and data_args.train_dir:
+        logger.warning("k-NN monitor on the embedded digits; --monitor_train_dir monitors your labelled images.")
+    train, evaluation = load_knn_monitor_datasets(
+        train_dir=train_dir, eval_dir=data_args.monitor_eval_dir, image_size=image_size, seed=training_args.seed
+    )
+    monitor = KnnMonitor(
+        train,
+        evaluation,
+        image_processor,
+        k=data_args.monitor_k,
+        temperature=data_args.monitor_temperature,
+        batch_size=training_args.per_device_eval_batch_size,
+        max_train_samples=data_args.monitor_max_train_samples,
+        max_eval_samples=data_args.monitor_max_eval_samples,
+        seed=training_args.seed,
+    )
+    logger.info(
+        "k-NN monitor: %d reference / %d query images, %d-NN, every %s",
+        len(monitor.train_labels), len(monitor.eval_labels), monitor.k,
+        f"{training_args.eval_steps} steps" if training_args.eval_strategy == "steps" else training_args.eval_strategy,
+    )
+    return monitor
+
+
 def save_final_model(trainer: IJepaTrainer, config: IJepaConfig, image_processor, output_dir: str) -> None:
     """Target encoder + image processor at the top of `output_dir`; the full pre-training model in `pretraining/`."""
     trainer.save_model(str(pretraining_dir(output_dir)))
@@ -179,7 +239,8 @@ def save_final_model(trainer: IJepaTrainer, config: IJepaConfig, image_processor
 
 
 def plot_training_curves(log_history: list[dict], path: str) -> str | None:
-    """PNG of the loss, the learning rate and the collapse monitors over optimiser steps."""
+    """PNG of the loss, the k-NN monitor's accuracy (when it ran), the collapse monitors and the learning rate over
+    optimiser steps."""
     try:
         import matplotlib
 
@@ -190,14 +251,16 @@ def plot_training_curves(log_history: list[dict], path: str) -> str | None:
         return None
     panels = [
         ("loss", "smooth-L1 loss", True),
+        ("eval_knn_accuracy", "k-NN accuracy (target encoder)", False),
         ("target_feature_std", "target feature std", False),
         ("pooled_effective_rank", "effective rank (pooled)", False),
         ("learning_rate", "learning rate", False),
     ]
-    records = [entry for entry in log_history if "loss" in entry]
+    if not any("eval_knn_accuracy" in entry for entry in log_history):
+        panels = [panel for panel in panels if panel[0] != "eval_knn_accuracy"]
     figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for axis, (key, title, log_scale) in zip(axes, panels):
-        points = [(entry["step"], entry[key]) for entry in records if key in entry]
+        points = [(entry["step"], entry[key]) for entry in log_history if key in entry and "step" in entry]
         if points:
             axis.plot(*zip(*points), marker=".")
         axis.set_title(title)
@@ -250,8 +313,21 @@ def main(argv: list[str] | None = None) -> str:
         crop_scale=(data_args.crop_scale_min, data_args.crop_scale_max),
         output_uint8=True,
     )
+    try:
+        knn_monitor = build_knn_monitor(data_args, training_args, image_processor, config.image_size)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(
+            f"pretrain.py: error: k-NN monitor: {error} Pass labelled --monitor_train_dir, or turn evaluation off "
+            "with --eval_strategy no --load_best_model_at_end false."
+        ) from None
     try:  # the trainer checks the launch (FSDP requested but impossible, processes outside one process group)
-        trainer = IJepaTrainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator)
+        trainer = IJepaTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=train_dataset,
+            data_collator=collator,
+            knn_monitor=knn_monitor,
+        )
     except ValueError as error:
         raise SystemExit(f"pretrain.py: error: {error}") from None
 
@@ -277,6 +353,14 @@ def main(argv: list[str] | None = None) -> str:
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         if losses:
             logger.info("loss %.4f at the first logging step -> %.4f at the last", losses[0], losses[-1])
+        knn = [(e["step"], e["eval_knn_accuracy"]) for e in trainer.state.log_history if "eval_knn_accuracy" in e]
+        if knn:
+            logger.info("k-NN accuracy by step: %s", ", ".join(f"{step}: {value:.3f}" for step, value in knn))
+        if training_args.load_best_model_at_end and trainer.state.best_model_checkpoint:
+            logger.info(
+                "saved encoder: the best by %s (%s, %.4f)",
+                training_args.metric_for_best_model, trainer.state.best_model_checkpoint, trainer.state.best_metric,
+            )
         logger.info("encoder saved to %s (AutoModel.from_pretrained loads it); curves: %s", training_args.output_dir, plot)
     return training_args.output_dir
 
