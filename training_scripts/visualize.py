@@ -58,7 +58,8 @@ class VisualizeArguments:
     model_name_or_path: str = field(
         default="outputs/ijepa-digits",
         metadata={
-            "help": "Pre-training output_dir, its pretraining/ folder, an encoder folder or hub id, or random:<preset>."
+            "help": "A pre-training output_dir, its pretraining/ folder, an encoder folder or hub id, or "
+            "random:<preset>."
         },
     )
     output_dir: str | None = field(default=None, metadata={"help": "Where the PNGs go (default: <model>/pictures)."})
