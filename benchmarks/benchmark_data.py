@@ -16,17 +16,18 @@ or on a folder of your own (`--train_dir`, an imagefolder with class sub-folders
 Every single-core path runs in this process with one torch thread (the work of one DataLoader worker, including
 reading the examples from the dataset), round after round, so that machine load hits all paths alike; the table
 gives the median and the range over rounds and ratios taken within each round. Then real DataLoaders with 1 and 2
-worker processes time whole passes over the data. Finally the number of CPU cores that would feed one GPU consuming
-`--gpu_images_per_second` (93: the authors' ViT-H/14 run, 300 epochs of ImageNet in 72 h on 16 A100).
+worker processes time whole passes over the data, also in interleaved rounds, and report the CPU cores their workers
+got: on a shared machine a second worker can only help as much as a free core is there. Finally the number of CPU
+cores that would feed one GPU consuming `--gpu_images_per_second` (93: the authors' ViT-H/14 run, 300 epochs of
+ImageNet in 72 h on 16 A100).
 
-    python benchmarks/benchmark_data.py                 # 400 images, 3 rounds, 1 and 2 workers (about 1-2 min)
+    python benchmarks/benchmark_data.py                 # 400 images, 3 rounds, 1 and 2 workers (about 2 min)
     python benchmarks/benchmark_data.py --quick         # a few seconds, for a smoke test
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import os
 import statistics
@@ -38,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -54,6 +56,7 @@ from modeling_ijepa.data import (  # noqa: E402
     random_resized_crop,
 )
 from modeling_ijepa.masking import IJepaMaskCollator  # noqa: E402
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -257,26 +260,48 @@ def _batch_size_of(batch) -> int:
     return int(batch[0][0].shape[0])
 
 
-def time_loader(dataset, collate, batch_size: int, num_workers: int, passes: int) -> float:
-    """Images per second of a DataLoader with `num_workers` persistent workers, `passes` passes after a warm-up."""
+class WorkerClock:
+    """
+    Wraps a collate function so that every batch also carries the id of the worker that made it and that worker's
+    CPU seconds so far (`time.process_time()`, all its threads): the DataLoader timing then tells how many cores the
+    workers actually got, apart from how fast they were.
+    """
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, examples):
+        batch = self.collate(examples)
+        worker = torch.utils.data.get_worker_info()
+        return batch, (worker.id if worker is not None else -1), time.process_time()
+
+
+def time_loader(dataset, collate, batch_size: int, num_workers: int, passes: int) -> tuple[float, float]:
+    """
+    Images per second of a DataLoader with `num_workers` persistent workers over `passes` passes after a warm-up
+    pass, and the CPU cores its workers used meanwhile (their CPU seconds over the wall-clock seconds).
+    """
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
-        collate_fn=collate,
+        collate_fn=WorkerClock(collate),
         num_workers=num_workers,
         persistent_workers=True,
         prefetch_factor=4,
     )
-    for _ in loader:  # starts the workers and warms caches
-        pass
+    first_cpu, last_cpu = {}, {}
+    for _, worker, cpu in loader:  # starts the workers and warms caches
+        first_cpu[worker] = cpu
     start = time.perf_counter()
     count = 0
     for _ in range(passes):
-        for batch in loader:
+        for batch, worker, cpu in loader:
             count += _batch_size_of(batch)
-    rate = count / (time.perf_counter() - start)
+            last_cpu[worker] = cpu
+    seconds = time.perf_counter() - start
+    cpu_seconds = sum(last_cpu[worker] - first_cpu.get(worker, last_cpu[worker]) for worker in last_cpu)
     del loader
-    return rate
+    return count / seconds, cpu_seconds / seconds
 
 
 def _range(values: list[float], digits: int = 0) -> str:
@@ -389,24 +414,45 @@ def main(argv=None) -> dict:
         "ours, uint8 out, streamed parquet": (streamed, ours(True)),
         "authors' pipeline (restated)": (authors_data, authors_collate),
     }
-    worker_rates: dict[str, dict[int, float]] = {}
+    worker_rates: dict[str, dict[int, list[float]]] = {name: {w: [] for w in args.workers} for name in loaders}
+    worker_cores: dict[str, dict[int, list[float]]] = {name: {w: [] for w in args.workers} for name in loaders}
     if args.workers:
-        print("\n| DataLoader | " + " | ".join(f"{w} worker(s), images/s" for w in args.workers) + " | scaling |")
-        print("|---|" + "---|" * (len(args.workers) + 1))
-        for name, (dataset, collate) in loaders.items():
-            worker_rates[name] = {
-                w: time_loader(dataset, collate, args.batch_size, w, args.passes) for w in args.workers
-            }
-            row = [f"{worker_rates[name][w]:,.0f}" for w in args.workers]
-            scaling = worker_rates[name][max(args.workers)] / worker_rates[name][min(args.workers)]
-            print(f"| {name} | " + " | ".join(row) + f" | {scaling:.2f}x |", flush=True)
+        for _ in range(args.rounds):  # interleaved like the single-core rounds: load changes hit every loader alike
+            for name, (dataset, collate) in loaders.items():
+                for w in args.workers:
+                    rate, cores = time_loader(dataset, collate, args.batch_size, w, args.passes)
+                    worker_rates[name][w].append(rate)
+                    worker_cores[name][w].append(cores)
+        low, high = min(args.workers), max(args.workers)
+        print(
+            f"\nDataLoader, {args.rounds} round(s) of {args.passes} pass(es) each: images/s and the CPU cores its "
+            "workers got (median over rounds)"
+        )
+        header = " | ".join(f"{w} worker(s): images/s, cores" for w in args.workers)
+        print(f"| DataLoader | {header} | scaling {high} vs {low}: median (range) | per-core rate {high} vs {low} |")
+        print("|---|" + "---|" * (len(args.workers) + 2))
+        for name in loaders:
+            cells = [
+                f"{statistics.median(worker_rates[name][w]):,.0f}, {statistics.median(worker_cores[name][w]):.2f}"
+                for w in args.workers
+            ]
+            many, few = worker_rates[name][high], worker_rates[name][low]
+            many_cores, few_cores = worker_cores[name][high], worker_cores[name][low]
+            scaling = [m / f for m, f in zip(many, few)]
+            per_core = [(m / mc) / (f / fc) for m, mc, f, fc in zip(many, many_cores, few, few_cores)]
+            cells.extend([_range(scaling, 2), _range(per_core, 2)])
+            print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+        print(
+            "(cores: CPU seconds of the workers over wall seconds. Per-core ratio near 1 with cores below the worker "
+            "count: the workers scale with the cores they get and the machine has fewer free cores than workers.)"
+        )
 
     print(f"\nCPU cores to feed one GPU at {args.gpu_images_per_second:g} images/s (median per-core rate):")
     for name in (ours_name, authors_name, today_name):
         per_core = statistics.median(rates[name])
         print(f"  {name}: {args.gpu_images_per_second / per_core:.2f} cores")
     work.cleanup()
-    return {"rates": rates, "worker_rates": worker_rates, "of_floor": of_floor}
+    return {"rates": rates, "worker_rates": worker_rates, "worker_cores": worker_cores, "of_floor": of_floor}
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import benchmark_data  # noqa: E402
@@ -21,8 +22,11 @@ def test_data_benchmark_times_every_pipeline_and_prints_the_tables(capsys):
         "decode floor, libjpeg-turbo (ours)",
     }
     assert all(rate > 0 for rates in results["rates"].values() for rate in rates)
-    assert all(rate > 0 for rates in results["worker_rates"].values() for rate in rates.values())
-    for line in ("| path (one process, one core)", "its decode floor", "| DataLoader |", "CPU cores to feed one GPU"):
+    for key in ("worker_rates", "worker_cores"):
+        values = [value for by_workers in results[key].values() for runs in by_workers.values() for value in runs]
+        assert values and all(value > 0 for value in values)
+    lines = ("| path (one process, one core)", "its decode floor", "| DataLoader |", "cores its workers got")
+    for line in lines + ("CPU cores to feed one GPU",):
         assert line in output
 
 
