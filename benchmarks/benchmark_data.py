@@ -9,6 +9,8 @@ or on a folder of your own (`--train_dir`, an imagefolder with class sub-folders
   the PIL image, ToTensor, Normalize, one image at a time, then their per-image multi-block mask collator);
 - `ours float` / `ours uint8`: `IJepaPretrainingCollator` on the map-style imagefolder dataset, with float32
   normalised output or `uint8` output (normalised later on the training device);
+- `ours uint8 full-size decode`: the same, with `reduced_decode=False` (JPEGs always decoded at full size; the
+  reduced-size decode only applies to crops at least twice the output size on each side, i.e. to larger images);
 - `ours uint8 streamed`: the same collator on a `datasets` stream of parquet shards (decoded from bytes, no files);
 - `decode floor`: reading and decoding each JPEG to RGB and nothing else, with PIL and with libjpeg-turbo
   (`simplejpeg`, the decoder ours uses).
@@ -364,8 +366,10 @@ def main(argv=None) -> dict:
     config = IJepaConfig(image_size=args.image_size, patch_size=args.patch_size)
     processor = default_image_processor(args.image_size)
 
-    def ours(output_uint8: bool) -> IJepaPretrainingCollator:
-        return IJepaPretrainingCollator(IJepaMaskCollator.from_config(config), processor, output_uint8=output_uint8)
+    def ours(output_uint8: bool, reduced_decode: bool = True) -> IJepaPretrainingCollator:
+        return IJepaPretrainingCollator(
+            IJepaMaskCollator.from_config(config), processor, output_uint8=output_uint8, reduced_decode=reduced_decode
+        )
 
     authors_data = AuthorsImageFolder(files, size=args.image_size)
     authors_collate = AuthorsCollator(ReferenceMaskCollator.from_config(config))
@@ -376,6 +380,7 @@ def main(argv=None) -> dict:
         "authors' pipeline (restated)": (authors_data, authors_collate),
         "ours, float32 out": (mapped, ours(False)),
         "ours, uint8 out": (mapped, ours(True)),
+        "ours, uint8 out, full-size decode": (mapped, ours(True, reduced_decode=False)),
         "ours, uint8 out, streamed parquet": (streamed, ours(True)),
         "decode floor, PIL": (paths, ReadDecode("pil")),
         "decode floor, libjpeg-turbo (ours)": (paths, ReadDecode("simplejpeg")),
@@ -406,6 +411,8 @@ def main(argv=None) -> dict:
     print(f"\nours (uint8) / its decode floor: {_range(of_floor, 2)}")
     streamed_ratio = [s / m for s, m in zip(rates["ours, uint8 out, streamed parquet"], rates[ours_name])]
     print(f"ours streamed / ours map-style: {_range(streamed_ratio, 2)}")
+    reduced_ratio = [r / f for r, f in zip(rates[ours_name], rates["ours, uint8 out, full-size decode"])]
+    print(f"ours / ours with full-size decode: {_range(reduced_ratio, 2)}")
     pixel_bytes = 3 * args.image_size * args.image_size
     print(f"bytes per image leaving a worker: uint8 {pixel_bytes:,}, float32 {4 * pixel_bytes:,}")
 

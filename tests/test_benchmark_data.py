@@ -17,6 +17,7 @@ def test_data_benchmark_times_every_pipeline_and_prints_the_tables(capsys):
         "authors' pipeline (restated)",
         "ours, float32 out",
         "ours, uint8 out",
+        "ours, uint8 out, full-size decode",
         "ours, uint8 out, streamed parquet",
         "decode floor, PIL",
         "decode floor, libjpeg-turbo (ours)",
