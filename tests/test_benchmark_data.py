@@ -23,6 +23,7 @@ def test_data_benchmark_times_every_pipeline_and_prints_the_tables(capsys):
         "decode floor, libjpeg-turbo (ours)",
     }
     assert all(rate > 0 for rates in results["rates"].values() for rate in rates)
+    assert set(results["wall_rates"]) == set(results["rates"])
     for key in ("worker_rates", "worker_cores"):
         values = [value for by_workers in results[key].values() for runs in by_workers.values() for value in runs]
         assert values and all(value > 0 for value in values)
