@@ -71,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     from sklearn.linear_model import LogisticRegression
     from transformers import AutoConfig
 
-    from modeling_ijepa.evaluation import DataArguments, load_classification_datasets
+    from modeling_ijepa.data import load_classification_datasets
 
     # The embedded digits, sized for the encoders, exactly as linear_probe.py / knn_eval.py load them with no data flags.
     config = AutoConfig.from_pretrained(args.pretrained[0])
-    train_dataset, test_dataset, _ = load_classification_datasets(DataArguments(), image_size=config.image_size)
+    train_dataset, test_dataset, _ = load_classification_datasets(image_size=config.image_size)
     datasets = {"train": train_dataset, "test": test_dataset}
     encoders = [("pretrained", path, seed) for path, seed in zip(args.pretrained, args.seeds)]
     encoders += [("random", args.pretrained[0], seed) for seed in args.seeds]
