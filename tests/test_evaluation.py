@@ -329,9 +329,13 @@ def test_recipe_gives_defaults_and_flags_override_them(script, tmp_path):
     assert getattr(parsed[index], name) == flag_value
     assert parsed[-1].output_dir == str(tmp_path / "from_recipe")
 
-    # The single-file form reads the same recipe, without overrides.
-    parsed = load_script(script).parse_args([str(recipe)])
-    assert parsed[1].label_fraction == 0.5 and getattr(parsed[index], name) == recipe_value
+    # The single-file form (YAML or JSON) reads the same recipe, without overrides.
+    as_json = tmp_path / "recipe.json"
+    as_json.write_text(json.dumps({"model_name_or_path": "random:vit_micro_patch4_48", "label_fraction": 0.5,
+                                   name: recipe_value}))
+    for path in (recipe, as_json):
+        parsed = load_script(script).parse_args([str(path)])
+        assert parsed[1].label_fraction == 0.5 and getattr(parsed[index], name) == recipe_value
 
 
 @pytest.mark.parametrize("script", ["linear_probe", "knn_eval", "finetune"])
