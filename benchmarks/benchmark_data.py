@@ -19,14 +19,14 @@ gives the median and the range over rounds and ratios taken within each round. T
 worker processes time whole passes over the data. Finally the number of CPU cores that would feed one GPU consuming
 `--gpu_images_per_second` (93: the authors' ViT-H/14 run, 300 epochs of ImageNet in 72 h on 16 A100).
 
-    python benchmarks/benchmark_data.py                 # 400 images, 3 rounds, 1 and 2 workers (about 1-2 min)
-    python benchmarks/benchmark_data.py --quick         # a few seconds, for a smoke test
+    python -m benchmarks.benchmark_data                 # 400 images, 3 rounds, 1 and 2 workers (about 1-2 min)
+    python -m benchmarks.benchmark_data --quick         # a few seconds, for a smoke test
+    python benchmarks/benchmark_data.py --quick         # the same, run as a file
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import os
 import statistics
@@ -39,11 +39,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from reference_ijepa import ReferenceMaskCollator  # noqa: E402
+if not __package__:  # run as a file: import `benchmarks` / `training_scripts` from the repository root, as -m does
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from benchmarks.reference_ijepa import ReferenceMaskCollator  # noqa: E402
 from modeling_ijepa.configuration_ijepa import IJepaConfig  # noqa: E402
 from modeling_ijepa.data import (  # noqa: E402
     IJepaPretrainingCollator,
@@ -54,6 +54,7 @@ from modeling_ijepa.data import (  # noqa: E402
     random_resized_crop,
 )
 from modeling_ijepa.masking import IJepaMaskCollator  # noqa: E402
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -1,6 +1,5 @@
 """training_scripts/pretrain.py: recipes, flags, data sources (embedded, local, streamed, 2 processes), bad input."""
 
-import importlib.util
 import io
 import os
 import subprocess
@@ -15,20 +14,11 @@ from PIL import Image
 
 from modeling_ijepa import IJepaForPreTraining, IJepaModel
 from modeling_ijepa.data import load_digits_dataset, load_image_dataset, shard_for_process
+from training_scripts import pretrain
+
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training_scripts" / "pretrain.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("pretrain_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script is being executed
-    spec.loader.exec_module(module)
-    return module
-
-
-pretrain = _load_script()
 
 FAST = ["--per_device_train_batch_size", "16", "--logging_steps", "1", "--save_steps", "2", "--disable_tqdm", "true"]
 
