@@ -185,7 +185,8 @@ class RecipeArgumentParser(HfArgumentParser):
     """
 
     def __init__(self, dataclass_types, prog: str, description: str | None = None, default_recipe: str | None = None):
-        super().__init__(dataclass_types, prog=prog, description=description)
+        # Exact flags only: an abbreviation (--max_eval_sample) would silently set another option.
+        super().__init__(dataclass_types, prog=prog, description=description, allow_abbrev=False)
         self.default_recipe = default_recipe
         default = f" (default: {default_recipe})" if default_recipe else ""
         self.add_argument(

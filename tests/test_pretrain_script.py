@@ -105,6 +105,7 @@ def test_command_line_overrides_the_recipe(cpu_with_bf16):
     "argv, message",
     [
         (["--max_stepz", "3"], "did you mean --max_steps"),
+        (["--max_step", "3"], "did you mean --max_steps"),  # no abbreviations: every flag is exact
         (["--config", "no-such-recipe"], "Recipe 'no-such-recipe' not found"),
         (["--crop_scale_min", "0"], "--crop_scale_min"),
         (["--streaming", "--max_steps", "-1"], "set --max_steps"),
