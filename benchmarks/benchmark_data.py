@@ -24,8 +24,9 @@ and report the CPU cores their workers got: on a shared machine a second worker 
 is there. Finally the number of CPU cores that would feed one GPU consuming `--gpu_images_per_second` (93: the
 authors' ViT-H/14 run, 300 epochs of ImageNet in 72 h on 16 A100), from the images per CPU second.
 
-    python benchmarks/benchmark_data.py                 # 400 images, 3 rounds, 1 and 2 workers (about 2 min)
-    python benchmarks/benchmark_data.py --quick         # a few seconds, for a smoke test
+    python -m benchmarks.benchmark_data                 # 400 images, 3 rounds, 1 and 2 workers (about 2 min)
+    python -m benchmarks.benchmark_data --quick         # a few seconds, for a smoke test
+    python benchmarks/benchmark_data.py --quick         # the same, run as a file
 """
 
 from __future__ import annotations
@@ -44,11 +45,10 @@ import torch
 from PIL import Image
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as a file: import `benchmarks` / `training_scripts` from the repository root, as -m does
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from reference_ijepa import ReferenceMaskCollator  # noqa: E402
-
+from benchmarks.reference_ijepa import ReferenceMaskCollator  # noqa: E402
 from modeling_ijepa.configuration_ijepa import IJepaConfig  # noqa: E402
 from modeling_ijepa.data import (  # noqa: E402
     IJepaPretrainingCollator,

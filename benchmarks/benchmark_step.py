@@ -15,8 +15,8 @@ foreach EMA, optional bf16 autocast and `torch.compile`.
 
 Example:
 
-    python benchmarks/benchmark_step.py --device cpu
-    python benchmarks/benchmark_step.py --device cuda --models vit_base_patch16_224 --batch_size 128 --dtype bf16
+    python -m benchmarks.benchmark_step --device cpu         # or: python benchmarks/benchmark_step.py ...
+    python -m benchmarks.benchmark_step --device cuda --models vit_base_patch16_224 --batch_size 128 --dtype bf16
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Idle OpenMP threads sleep instead of spinning (set before torch starts its thread pool). On a machine shared with
 # other processes, a spinning thread that gets descheduled stalls every parallel region: steps ran up to 20x slower.
@@ -39,8 +40,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_ijepa import (  # noqa: E402
+
+if not __package__:  # run as a file: import `benchmarks` / `training_scripts` from the repository root, as -m does
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks.reference_ijepa import (  # noqa: E402
     ReferenceMaskCollator,
     official_masks,
     reference_from_ours,
@@ -48,10 +52,10 @@ from reference_ijepa import (  # noqa: E402
     reference_optimizer,
     reference_train_step,
 )
-
 from modeling_ijepa import IJepaConfig, IJepaForPreTraining, hardware  # noqa: E402
 from modeling_ijepa.masking import IJepaMaskCollator  # noqa: E402
-from modeling_ijepa.trainer import ijepa_optimizer  # noqa: E402
+from modeling_ijepa.optimization import ijepa_optimizer  # noqa: E402
+
 
 DEFAULT_MODELS = ("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224")
 SHORT_NAMES = {"vit-t": "vit_tiny_patch16_224", "vit-s": "vit_small_patch16_224", "vit-b": "vit_base_patch16_224"}

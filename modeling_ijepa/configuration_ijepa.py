@@ -61,8 +61,6 @@ class IJepaConfig(_TransformersIJepaConfig):
         allow_overlap (`bool`, *optional*, defaults to `False`): keep target patches in the context (off in I-JEPA).
         mask_strategy (`str`, *optional*, defaults to `"multiblock"`): the masking strategy, a name of
             `modeling_ijepa.masking.MASK_STRATEGIES` (`"multiblock"`: the official rule; `"random"`: random patches).
-        ema_momentum_start / ema_momentum_end (`float`, *optional*, defaults to 0.996 / 1.0): target-encoder EMA
-            momentum, linear over training.
 
     Example:
 
@@ -88,8 +86,6 @@ class IJepaConfig(_TransformersIJepaConfig):
     min_context_patches: int = 10
     allow_overlap: bool = False
     mask_strategy: str = "multiblock"
-    ema_momentum_start: float = 0.996
-    ema_momentum_end: float = 1.0
 
     def __post_init__(self, **kwargs):
         if self.predictor_num_attention_heads is None:

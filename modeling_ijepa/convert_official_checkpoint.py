@@ -39,8 +39,9 @@ import torch
 from .configuration_ijepa import IJepaConfig, configuration_dir, list_presets
 from .data import default_image_processor
 from .modeling_ijepa import IJepaForPreTraining
+from .output_layout import pretraining_dir, write_output_layout
 
-PRETRAINING_SUBDIR = "pretraining"
+
 MODEL_SECTIONS = ("encoder", "predictor", "target_encoder")
 _DDP_PREFIX = "module."
 
@@ -452,12 +453,7 @@ def convert_official_checkpoint(
     staging_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.converting-", dir=output_dir.parent))
     try:
         image_processor = default_image_processor(config.image_size)
-        # The encoder shares its config with the pre-training model, and saving records the class in it: save the
-        # encoder first so that the returned model's config names IJepaForPreTraining.
-        pretraining_model.get_encoder().save_pretrained(staging_dir)
-        image_processor.save_pretrained(staging_dir)
-        pretraining_model.save_pretrained(staging_dir / PRETRAINING_SUBDIR)
-        image_processor.save_pretrained(staging_dir / PRETRAINING_SUBDIR)
+        write_output_layout(staging_dir, pretraining_model.get_encoder(), image_processor, pretraining_model)
         _check_output_dir(output_dir, overwrite)  # it may have been filled while we converted
         _publish(staging_dir, output_dir)
     finally:
@@ -512,7 +508,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Converted {args.checkpoint}: encoder (hidden {config.hidden_size}, depth {config.num_hidden_layers}, patch "
         f"{config.patch_size}, {config.image_size} px) -> {args.output_dir}; encoder + predictor (depth "
         f"{config.predictor_num_hidden_layers}, width {config.predictor_hidden_size}) + target encoder -> "
-        f"{Path(args.output_dir) / PRETRAINING_SUBDIR}"
+        f"{pretraining_dir(args.output_dir)}"
     )
 
 

@@ -3,6 +3,14 @@
 The I-JEPA step is the Trainer's own step (forward, backward, optimiser, LR scheduler) plus, after every *optimiser*
 step, the EMA update of the target encoder and the weight-decay schedule (a callback, so it is correct under gradient
 accumulation). Every schedule is a pure function of the global step, so resuming a checkpoint resumes them exactly.
+
+transformers / accelerate internals this module relies on (check them when upgrading either library):
+- `Trainer._save_checkpoint` and `transformers.trainer.PREFIX_CHECKPOINT_DIR` (swapped for the staging name during a
+  save), `transformers.trainer.rotate_checkpoints` (re-applied after the rename): atomic checkpoints;
+- `Trainer._load_from_checkpoint` (overridden to load through `from_pretrained`, which maps our vanilla key names);
+- `Trainer.create_accelerator_and_postprocess` and `Trainer.is_fsdp_enabled`, `Accelerator._dataloaders` (a streamed
+  loader prepared here is registered like the Trainer's own); accelerate's `AcceleratorState` / `PartialState`
+  distributed type and FSDP plugin (set for CPU FSDP2 in `distributed.py`, where accelerate stops at MULTI_CPU).
 """
 
 from __future__ import annotations
@@ -31,34 +39,14 @@ from .distributed import (
 )
 from .hardware import require_native_cpu_bf16
 from .modeling_ijepa import IJepaForPreTraining
+from .optimization import ijepa_ema_momentum, ijepa_learning_rate, ijepa_optimizer, ijepa_weight_decay
 
 logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Schedules (official definitions; `step` counts optimiser steps)
+# Collapse monitors
 # ------------------------------------------------------------------------------------------------------------------
-def ijepa_learning_rate(
-    step: int, total_steps: int, warmup_steps: int, start_lr: float, base_lr: float, final_lr: float
-) -> float:
-    """LR of optimiser step `step` (1-based): linear `start_lr -> base_lr` warm-up, then cosine to `final_lr`."""
-    if step < warmup_steps:
-        return start_lr + step / max(1, warmup_steps) * (base_lr - start_lr)
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return max(final_lr, final_lr + (base_lr - final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-def ijepa_weight_decay(step: int, total_steps: int, start_weight_decay: float, final_weight_decay: float) -> float:
-    """Weight decay of optimiser step `step` (1-based): cosine from `start_weight_decay` to `final_weight_decay`."""
-    progress = min(step / max(1, total_steps), 1.0)
-    return final_weight_decay + (start_weight_decay - final_weight_decay) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def ijepa_ema_momentum(update: int, total_steps: int, start: float, end: float) -> float:
-    """EMA momentum of the `update`-th target update (0-based): linear from `start` to `end` over the run."""
-    return min(end, start + update * (end - start) / max(1, total_steps))
-
-
 def effective_rank(features: torch.Tensor) -> float:
     """`exp(entropy)` of the normalised singular values of centred `(num_samples, dim)` features (1 = collapsed)."""
     features = features.float()
@@ -66,33 +54,6 @@ def effective_rank(features: torch.Tensor) -> float:
     distribution = singular_values / singular_values.sum().clamp_min(1e-12)
     entropy = -(distribution * torch.log(distribution.clamp_min(1e-12))).sum()
     return float(torch.exp(entropy))
-
-
-def ijepa_optimizer(
-    model: torch.nn.Module,
-    device_type: str,
-    lr: float,
-    weight_decay: float,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-) -> torch.optim.AdamW:
-    """
-    AdamW over the trainable parameters (the target encoder and fixed position embeddings have none): one group with
-    `weight_decay` (flagged `ijepa_weight_decay`, which the schedule updates), one without decay for biases, norms and
-    other 1-D parameters. Fused where torch has the kernel (CUDA, CPU, MPS, XPU; on CPU ~9x faster than foreach, ViT-B).
-    """
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            (no_decay if parameter.ndim <= 1 or name.endswith(".bias") else decay).append(parameter)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay, "ijepa_weight_decay": True},
-        {"params": no_decay, "weight_decay": 0.0, "ijepa_weight_decay": False},
-    ]
-    fused = device_type in ("cuda", "cpu", "mps", "xpu")
-    return torch.optim.AdamW(
-        groups, lr=lr, betas=betas, eps=eps, fused=fused or None, foreach=None if fused else True
-    )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -105,12 +66,10 @@ class IJepaTrainingArguments(TrainingArguments):
     final_lr: float = field(default=1e-6, metadata={"help": "Learning rate at the end of the cosine decay."})
     weight_decay: float = field(default=0.04, metadata={"help": "Weight decay at the start of its cosine schedule."})
     final_weight_decay: float = field(default=0.4, metadata={"help": "Weight decay at the end of its cosine schedule."})
-    ema_momentum_start: float | None = field(
-        default=None, metadata={"help": "Target-encoder EMA momentum at the start (default: the model config's, 0.996)."}
+    ema_momentum_start: float = field(
+        default=0.996, metadata={"help": "Target-encoder EMA momentum at the start, linear to ema_momentum_end."}
     )
-    ema_momentum_end: float | None = field(
-        default=None, metadata={"help": "EMA momentum at the end of training (default: the model config's, 1.0)."}
-    )
+    ema_momentum_end: float = field(default=1.0, metadata={"help": "Target-encoder EMA momentum at the end."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the I-JEPA collator needs the raw `image` column."}
     )
@@ -243,14 +202,9 @@ class IJepaTrainer(Trainer):
                 group["weight_decay"] = weight_decay
         self._step_metrics["weight_decay"] = weight_decay
 
-    def _momentum_range(self) -> tuple[float, float]:
-        config = self._ijepa_model().config
-        start = self.args.ema_momentum_start if self.args.ema_momentum_start is not None else config.ema_momentum_start
-        end = self.args.ema_momentum_end if self.args.ema_momentum_end is not None else config.ema_momentum_end
-        return start, end
-
     def _update_target_encoder(self, update: int) -> None:
-        momentum = ijepa_ema_momentum(update, self._total_steps(), *self._momentum_range())
+        args = self.args
+        momentum = ijepa_ema_momentum(update, self._total_steps(), args.ema_momentum_start, args.ema_momentum_end)
         self._ijepa_model().update_target_encoder(momentum)
         self._step_metrics["ema_momentum"] = momentum
 
@@ -415,9 +369,5 @@ class IJepaTrainer(Trainer):
 __all__ = [
     "IJepaTrainer",
     "IJepaTrainingArguments",
-    "ijepa_optimizer",
-    "ijepa_learning_rate",
-    "ijepa_weight_decay",
-    "ijepa_ema_momentum",
     "effective_rank",
 ]

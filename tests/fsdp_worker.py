@@ -12,7 +12,6 @@ Rank 0 writes the gathered weights of both runs (`uninterrupted.pt`, `resumed.pt
 measurements into the folder given as the only argument; tests/test_fsdp.py compares them with a single-process run.
 """
 
-import importlib.util
 import json
 import logging
 import os
@@ -21,11 +20,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from fsdp_common import (  # noqa: E402
+# Run as a file by torchrun: tests/ is on the import path as the script's folder, the repository root through the
+# PYTHONPATH that tests/test_fsdp.py sets.
+from fsdp_common import (
     MAX_STEPS,
     SAVE_STEPS,
     build_collator,
@@ -34,13 +31,7 @@ from fsdp_common import (  # noqa: E402
     training_arguments,
 )
 
-
-def _load_pretrain_script():
-    spec = importlib.util.spec_from_file_location("pretrain_script", ROOT / "training_scripts" / "pretrain.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from training_scripts import pretrain
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -111,7 +102,6 @@ def main(out: Path) -> None:
         torch.save(state_dict, out / "uninterrupted.pt")
 
     # -- 2. pretrain.py's final save (consolidated files) -----------------------------------------------------------
-    pretrain = _load_pretrain_script()
     pretrain.save_final_model(trainer, wrapped.config, default_image_processor(48), str(out / "final"))
 
     # -- 3. resume from the sharded checkpoint of step SAVE_STEPS ---------------------------------------------------

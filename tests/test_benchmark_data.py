@@ -1,12 +1,6 @@
 """Smoke test of benchmarks/benchmark_data.py: every pipeline runs on a few generated JPEGs and gets a rate."""
 
-import sys
-from pathlib import Path
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-import benchmark_data  # noqa: E402
+from benchmarks import benchmark_data
 
 
 def test_data_benchmark_times_every_pipeline_and_prints_the_tables(capsys):

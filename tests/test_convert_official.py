@@ -17,8 +17,10 @@ import torch.nn.functional as F
 from conftest import tiny_config
 
 from modeling_ijepa import IJepaForPreTraining, IJepaModel
-from modeling_ijepa.convert_official_checkpoint import PRETRAINING_SUBDIR, convert_official_checkpoint
+from modeling_ijepa.convert_official_checkpoint import convert_official_checkpoint
 from modeling_ijepa.convert_official_checkpoint import main as cli_main
+from modeling_ijepa.output_layout import PRETRAINING_SUBDIR
+
 
 TOLERANCE = 1e-5
 LAYER_NORM_EPS = 1e-6

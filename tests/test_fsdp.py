@@ -15,10 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from fsdp_common import (  # noqa: E402
+from fsdp_common import (
     MAX_STEPS,
     WORLD_SIZE,
     RankInterleavedCollator,
@@ -28,8 +25,9 @@ from fsdp_common import (  # noqa: E402
     training_arguments,
 )
 
-from modeling_ijepa.distributed import LOCK_FILE_NAME, describe_distributed_mode  # noqa: E402
-from modeling_ijepa.trainer import IJepaTrainer  # noqa: E402
+from modeling_ijepa.distributed import LOCK_FILE_NAME, describe_distributed_mode
+from modeling_ijepa.trainer import IJepaTrainer
+
 
 ROOT = Path(__file__).resolve().parents[1]
 

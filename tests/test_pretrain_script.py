@@ -1,6 +1,5 @@
 """training_scripts/pretrain.py: recipes, flags, data sources (embedded, local, streamed, 2 processes), bad input."""
 
-import importlib.util
 import io
 import os
 import subprocess
@@ -15,20 +14,11 @@ from PIL import Image
 
 from modeling_ijepa import IJepaForPreTraining, IJepaModel
 from modeling_ijepa.data import load_digits_dataset, load_image_dataset, shard_for_process
+from training_scripts import pretrain
+
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training_scripts" / "pretrain.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("pretrain_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script is being executed
-    spec.loader.exec_module(module)
-    return module
-
-
-pretrain = _load_script()
 
 FAST = ["--per_device_train_batch_size", "16", "--logging_steps", "1", "--save_steps", "2", "--disable_tqdm", "true"]
 
@@ -115,6 +105,7 @@ def test_command_line_overrides_the_recipe(cpu_with_bf16):
     "argv, message",
     [
         (["--max_stepz", "3"], "did you mean --max_steps"),
+        (["--max_step", "3"], "did you mean --max_steps"),  # no abbreviations: every flag is exact
         (["--config", "no-such-recipe"], "Recipe 'no-such-recipe' not found"),
         (["--crop_scale_min", "0"], "--crop_scale_min"),
         (["--streaming", "--max_steps", "-1"], "set --max_steps"),
@@ -224,3 +215,46 @@ def test_hub_dataset_fails_fast_offline(env, tmp_path):
     assert result.returncode != 0
     assert "Cannot reach the Hugging Face Hub" in result.stderr and "--train_dir" in result.stderr
     assert elapsed < 60, f"took {elapsed:.0f} s to fail"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Mask settings and model fields from the command line and from recipes
+# ------------------------------------------------------------------------------------------------------------------
+def test_mask_settings_change_from_the_command_line():
+    model_args, _, _, _ = pretrain.parse_args(
+        ["--mask_strategy", "random", "--target_scale", "0.1", "0.25", "--num_target_blocks", "3",
+         "--context_aspect_ratio", "0.9", "1.1"]
+    )
+    config = pretrain.build_config(model_args)
+    assert config.mask_strategy == "random" and config.num_target_blocks == 3
+    assert config.target_scale == [0.1, 0.25] and config.context_aspect_ratio == [0.9, 1.1]
+    assert config.target_aspect_ratio == [0.75, 1.5]  # untouched settings keep the preset's values
+
+
+def test_config_overrides_take_lists():
+    model_args, _, _, _ = pretrain.parse_args(
+        ["--config_overrides", "target_scale=[0.1,0.2],predictor_num_hidden_layers=1,mask_strategy=random"]
+    )
+    config = pretrain.build_config(model_args)
+    assert config.target_scale == [0.1, 0.2] and config.predictor_num_hidden_layers == 1
+    assert config.mask_strategy == "random"
+
+
+def test_recipe_model_and_mask_mappings_merge_into_the_preset(tmp_path):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(
+        "model:\n  predictor_num_hidden_layers: 1\n  predictor_hidden_size: 32\n"
+        "mask:\n  strategy: multiblock\n  target_scale: [0.1, 0.2]\n  num_target_blocks: 2\nmax_steps: 3\n"
+    )
+    model_args, _, args, _ = pretrain.parse_args(["--config", str(recipe), "--config_overrides", "hidden_size=64"])
+    config = pretrain.build_config(model_args)
+    assert (config.predictor_num_hidden_layers, config.predictor_hidden_size, config.hidden_size) == (1, 32, 64)
+    assert config.target_scale == [0.1, 0.2] and config.num_target_blocks == 2 and args.max_steps == 3
+    # Flags override the recipe's mask settings.
+    model_args, _, _, _ = pretrain.parse_args(["--config", str(recipe), "--num_target_blocks", "4"])
+    assert pretrain.build_config(model_args).num_target_blocks == 4
+
+
+def test_impossible_mask_settings_fail_at_start():
+    with pytest.raises(SystemExit, match="min_context_patches"):
+        pretrain.main(["--min_context_patches", "500", "--max_steps", "1", "--output_dir", "/tmp/unused"])

@@ -11,14 +11,8 @@ from transformers.trainer_utils import get_last_checkpoint
 from modeling_ijepa import IJepaForPreTraining
 from modeling_ijepa.data import IJepaPretrainingCollator, default_image_processor, load_digits_dataset
 from modeling_ijepa.masking import IJepaMaskCollator
-from modeling_ijepa.trainer import (
-    IJepaTrainer,
-    IJepaTrainingArguments,
-    effective_rank,
-    ijepa_ema_momentum,
-    ijepa_learning_rate,
-    ijepa_weight_decay,
-)
+from modeling_ijepa.optimization import ijepa_ema_momentum, ijepa_learning_rate, ijepa_weight_decay
+from modeling_ijepa.trainer import IJepaTrainer, IJepaTrainingArguments, effective_rank
 
 from conftest import tiny_config
 

@@ -16,26 +16,23 @@ target encoder and its image processor (loadable by `AutoModel.from_pretrained` 
 
 from __future__ import annotations
 
-import argparse
-import difflib
-import json
 import logging
 import os
-import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import transformers
-from transformers import HfArgumentParser, set_seed
+from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_ijepa import IJepaConfig, IJepaForPreTraining, IJepaModel
-from modeling_ijepa.configuration_ijepa import configuration_dir
+from modeling_ijepa.cli import RecipeArgumentParser, parse_config_overrides
 from modeling_ijepa.data import IJepaPretrainingCollator, default_image_processor, load_image_dataset
 from modeling_ijepa.distributed import OutputDirInUseError
-from modeling_ijepa.hardware import require_native_cpu_bf16
 from modeling_ijepa.masking import mask_sampler_from_config
+from modeling_ijepa.output_layout import pretraining_dir, write_output_layout
 from modeling_ijepa.trainer import IJepaTrainer, IJepaTrainingArguments
+
 
 logger = logging.getLogger("pretrain")
 
@@ -56,9 +53,39 @@ class ModelArguments:
     )
     config_overrides: str | None = field(
         default=None,
-        metadata={"help": "Comma-separated config overrides, e.g. 'predictor_num_hidden_layers=16,image_size=448'."},
+        metadata={
+            "help": "Config overrides 'name=value,...', values in JSON, e.g. "
+            "'predictor_num_hidden_layers=16,image_size=448' or 'target_scale=[0.1,0.2]'."
+        },
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "'sdpa' (fused kernels) or 'eager'."})
+    # Masking (default: the preset's values; in a recipe, also as a `mask:` mapping).
+    mask_strategy: str | None = field(
+        default=None, metadata={"help": "Masking strategy: 'multiblock' (the official rule) or 'random'."}
+    )
+    num_target_blocks: int | None = field(default=None, metadata={"help": "Target blocks per image (4)."})
+    target_scale: list[float] | None = field(
+        default=None, metadata={"help": "Target block area range, fractions of the patch grid, e.g. 0.15 0.2."}
+    )
+    target_aspect_ratio: list[float] | None = field(
+        default=None, metadata={"help": "Target block height/width range, e.g. 0.75 1.5."}
+    )
+    context_scale: list[float] | None = field(default=None, metadata={"help": "Context block area range (0.85 1.0)."})
+    context_aspect_ratio: list[float] | None = field(
+        default=None, metadata={"help": "Context block height/width range (1.0 1.0)."}
+    )
+    min_context_patches: int | None = field(
+        default=None, metadata={"help": "A context keeps more patches than this (the official min_keep, 10)."}
+    )
+    allow_overlap: bool | None = field(default=None, metadata={"help": "Keep target patches in the context."})
+
+    def mask_overrides(self) -> dict:
+        """The mask settings given on the command line or in the recipe, as `IJepaConfig` fields."""
+        names = (
+            "mask_strategy", "num_target_blocks", "target_scale", "target_aspect_ratio", "context_scale",
+            "context_aspect_ratio", "min_context_patches", "allow_overlap",
+        )
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
 @dataclass
@@ -81,100 +108,15 @@ class DataArguments:
     cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder."})
 
 
-class _Parser(HfArgumentParser):
-    """`HfArgumentParser` whose unknown flags and bad values end in an argparse error naming the fix."""
-
-    def format_usage(self) -> str:  # the full usage lists ~150 TrainingArguments flags: keep errors readable
-        return f"usage: {self.prog} [--config RECIPE] [--option value ...]   (--help lists every option)\n"
-
-    def known_options(self) -> list[str]:
-        return [option for action in self._actions for option in action.option_strings if option.startswith("--")]
-
-    def reject_unknown(self, unknown: list[str], origin: str) -> None:
-        flags = [item.split("=", 1)[0] for item in unknown if item.startswith("-")]
-        if not unknown:
-            return
-        if not flags:
-            self.error(f"unexpected positional argument(s) {unknown} ({origin}); options are written --name value.")
-        hints = []
-        for flag in flags:
-            close = difflib.get_close_matches(flag, self.known_options(), n=1)
-            hints.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
-        self.error(f"unrecognized option(s) {', '.join(hints)} ({origin}); see --help for the list of options.")
-
-
-def _has_accelerator() -> bool:
-    import torch
-
-    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or torch.backends.mps.is_available()
-
-
-def resolve_recipe(name_or_path: str) -> Path:
-    """A recipe file: a path, or the name of one shipped in configuration/recipes/ (with or without `.yaml`)."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    recipes = configuration_dir() / "recipes"
-    for candidate in (recipes / name_or_path, recipes / f"{name_or_path}.yaml", recipes / f"{name_or_path}.json"):
-        if candidate.is_file():
-            return candidate
-    available = sorted(p.stem for p in recipes.glob("*.yaml"))
-    raise FileNotFoundError(f"Recipe {name_or_path!r} not found: pass a YAML/JSON file or one of {available}.")
-
-
-def load_recipe(path: Path) -> dict:
-    import yaml
-
-    text = path.read_text(encoding="utf-8")
-    recipe = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    if recipe is None:
-        return {}
-    if not isinstance(recipe, dict):
-        raise ValueError(f"Recipe {path} must be a mapping of option names to values, got {type(recipe).__name__}.")
-    return recipe
-
-
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, IJepaTrainingArguments, str]:
     """Recipe values become the parser's defaults; command-line flags override them."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _Parser((ModelArguments, DataArguments, IJepaTrainingArguments), prog="pretrain.py", description=__doc__)
-    parser.add_argument("--config", default=DEFAULT_RECIPE, help="Recipe (YAML/JSON file or shipped recipe name).")
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=DEFAULT_RECIPE)
-    known, _ = pre.parse_known_args(argv)
-    try:
-        recipe_path = resolve_recipe(known.config)
-        recipe = load_recipe(recipe_path)
-    except (FileNotFoundError, ValueError) as error:
-        parser.error(str(error))
-    destinations = {action.dest for action in parser._actions}
-    unknown_keys = [key for key in recipe if key not in destinations]
-    if unknown_keys:
-        parser.reject_unknown([f"--{key}" for key in unknown_keys], f"keys of recipe {recipe_path}")
-    parser.set_defaults(**recipe)
-    try:
-        namespace, unknown = parser.parse_known_args(argv)
-        parser.reject_unknown(unknown, "command line")
-        values = vars(namespace)
-        values.pop("config")
-        if not _has_accelerator():
-            # Lets `accelerate launch --multi_gpu --num_processes N` run N CPU processes (gloo), and bf16 autocast on CPU.
-            values["use_cpu"] = True
-        outputs = []
-        for dtype in parser.dataclass_types:
-            names = {f.name for f in fields(dtype) if f.init}
-            outputs.append(dtype(**{k: v for k, v in values.items() if k in names}))
-    except ValueError as error:  # raised by the dataclasses' own validation (e.g. TrainingArguments)
-        # Without an accelerator `use_cpu` is already on (bf16 autocast works there), so a bf16 error means a device
-        # without bf16 support.
-        hint = " The official recipes use bf16: on hardware without bf16 pass --bf16 false." if "bf16" in str(error) else ""
-        parser.error(f"{error}{hint}")
-    model_args, data_args, training_args = outputs
-    if training_args.bf16 and training_args.use_cpu:
-        try:
-            require_native_cpu_bf16("--bf16")
-        except ValueError as error:
-            parser.error(str(error))
+    parser = RecipeArgumentParser(
+        (ModelArguments, DataArguments, IJepaTrainingArguments),
+        prog="pretrain.py",
+        description=__doc__,
+        default_recipe=DEFAULT_RECIPE,
+    )
+    model_args, data_args, training_args, recipe_path = parser.parse(argv)
     if not 0.0 < data_args.crop_scale_min <= data_args.crop_scale_max <= 1.0:
         parser.error(
             f"--crop_scale_min {data_args.crop_scale_min} / --crop_scale_max {data_args.crop_scale_max}: need "
@@ -183,20 +125,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     if data_args.streaming and training_args.max_steps <= 0:
         parser.error("--streaming data has no length: set --max_steps (the recipes give epochs as steps).")
     if data_args.require_data and not (data_args.dataset_name or data_args.train_dir):
-        parser.error(f"recipe {recipe_path.name} needs data: pass --dataset_name or --train_dir.")
-    return model_args, data_args, training_args, str(recipe_path)
+        parser.error(f"recipe {Path(recipe_path).name} needs data: pass --dataset_name or --train_dir.")
+    return model_args, data_args, training_args, recipe_path
 
 
 def build_config(model_args: ModelArguments) -> IJepaConfig:
-    overrides = {}
-    for item in filter(None, (model_args.config_overrides or "").split(",")):
-        if "=" not in item:
-            raise ValueError(f"--config_overrides item {item!r} must look like name=value.")
-        key, value = (part.strip() for part in item.split("=", 1))
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+    """The preset (or `model_name_or_path`'s configuration) with `--config_overrides` and the mask flags applied."""
+    overrides = parse_config_overrides(model_args.config_overrides)
+    overrides.update(model_args.mask_overrides())
     if model_args.model_name_or_path:
         config = IJepaConfig.from_pretrained(model_args.model_name_or_path, **overrides)
     else:
@@ -232,15 +168,13 @@ def build_train_dataset(data_args: DataArguments, training_args: IJepaTrainingAr
 
 def save_final_model(trainer: IJepaTrainer, config: IJepaConfig, image_processor, output_dir: str) -> None:
     """Target encoder + image processor at the top of `output_dir`; the full pre-training model in `pretraining/`."""
-    trainer.save_model(os.path.join(output_dir, "pretraining"))
+    trainer.save_model(str(pretraining_dir(output_dir)))
     state_dict = trainer.accelerator.get_state_dict(trainer.model)  # gathers FSDP shards; collective on all ranks
     if trainer.args.should_save:
         prefix = "target_encoder."
         encoder = IJepaModel(config)
         encoder.load_state_dict({k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)})
-        encoder.save_pretrained(output_dir)
-        image_processor.save_pretrained(output_dir)
-        image_processor.save_pretrained(os.path.join(output_dir, "pretraining"))
+        write_output_layout(output_dir, encoder, image_processor)
     trainer.accelerator.wait_for_everyone()
 
 

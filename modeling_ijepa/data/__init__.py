@@ -7,7 +7,9 @@
 - `images.py`: decoding (libjpeg-turbo through `simplejpeg`, PIL for the rest), random-resized-crop boxes, crop +
   resize, the default image processor and the pixel normalisation;
 - `collators.py`: the pre-training and image-classification collators, on a shared base that skips and counts
-  undecodable images.
+  undecodable images;
+- `labelled.py`: labelled training / evaluation splits, class names and class-balanced label subsets for evaluation
+  and fine-tuning.
 
 Every public name is importable from `modeling_ijepa.data`.
 """
@@ -23,6 +25,7 @@ from .images import (
     random_resized_crop,
     random_resized_crop_box,
 )
+from .labelled import class_names, load_classification_datasets, sample_label_fraction
 from .sources import (
     DIGITS_TEST_SIZE,
     IMAGE_COLUMN_CANDIDATES,
@@ -54,4 +57,7 @@ __all__ = [
     "PixelNormalizer",
     "IJepaPretrainingCollator",
     "ImageClassificationCollator",
+    "load_classification_datasets",
+    "class_names",
+    "sample_label_fraction",
 ]
