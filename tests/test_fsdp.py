@@ -4,7 +4,8 @@ global batch; and launches that cannot be honoured, which must fail at start.
 
 One `torchrun` launch (tests/fsdp_worker.py) runs the sharded side while this process trains the single-process
 reference with `gradient_accumulation_steps=2`: micro-batch `i` is process `i % 2`'s batch `i // 2`, with its crops
-and masks, so the two runs see the same global batches and average the same gradients.
+and masks, so the two runs see the same global batches and average the same gradients. The same launch also runs the
+sharded training with activation checkpointing (both switches) and with bf16, compared with the sharded fp32 run.
 """
 
 import json
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -30,6 +32,7 @@ from fsdp_common import (  # noqa: E402
 
 from modeling_ijepa.distributed import LOCK_FILE_NAME, describe_distributed_mode  # noqa: E402
 from modeling_ijepa.trainer import IJepaTrainer  # noqa: E402
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,6 +91,8 @@ def sharded_run(tmp_path_factory):
         "reference": reference,
         "uninterrupted": torch.load(out / "uninterrupted.pt"),
         "resumed": torch.load(out / "resumed.pt"),
+        "ac_argument": torch.load(out / "ac_argument.pt"),
+        "ac_fsdp": torch.load(out / "ac_fsdp.pt"),
     }
 
 
@@ -164,6 +169,40 @@ def test_consolidated_target_encoder_loads_in_vanilla_transformers(sharded_run):
     full = IJepaForPreTraining.from_pretrained(final / "pretraining")
     for name, value in full.state_dict().items():
         torch.testing.assert_close(value, sharded[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "name, block_class, fsdp_flag",
+    [("ac_argument", "FSDPIJepaLayer", False), ("ac_fsdp", "FSDPCheckpointWrapper", True)],
+    ids=["activation_checkpointing-argument", "fsdp_activation_checkpointing"],
+)
+def test_activation_checkpointing_under_fsdp2_gives_the_same_weights(sharded_run, name, block_class, fsdp_flag):
+    # Both user-facing switches: the training argument (recipes: `activation_checkpointing: true`, transformers
+    # checkpoints each IJepaLayer's forward) and the accelerate config's `fsdp_activation_checkpointing` (accelerate
+    # wraps each IJepaLayer in `checkpoint_wrapper` before `fully_shard`).
+    for report in sharded_run["reports"]:
+        run = report[name]
+        assert run["distributed_mode"] == "FSDP2 full shard, 2 processes, gloo"
+        assert run["first_block"] == block_class and run["fsdp_activation_checkpointing"] is fsdp_flag
+        # The first encoder block's MLP runs once per step without checkpointing, twice with it (the recomputation).
+        assert report["plain_forwards"]["calls"] == MAX_STEPS and run["calls"] == 2 * MAX_STEPS
+    _assert_close(sharded_run[name], sharded_run["uninterrupted"], f"{name} vs no checkpointing", atol=1e-6)
+
+
+def test_bf16_under_fsdp2_reduces_gradients_in_fp32_and_follows_the_fp32_run(sharded_run):
+    # The worker runs as on a CPU with native bf16 (see fsdp_worker.py), so this holds on CPUs without it as well.
+    for report in sharded_run["reports"]:
+        run = report["bf16"]
+        assert run["distributed_mode"] == "FSDP2 full shard, 2 processes, gloo"
+        assert run["plugin_policy"] == ["torch.bfloat16", "torch.float32"]
+        assert run["unit_policies"] == ["torch.bfloat16 torch.float32"]  # every FSDP unit: bf16 compute, fp32 reduce
+        # accelerate's FSDP2 mixed precision casts the parameters (MixedPrecisionPolicy), it does not autocast.
+        assert run["output_dtype"] == "torch.bfloat16" and not run["autocast"]
+        assert report["plain_forwards"]["output_dtype"] == "torch.float32"
+        print(f"rank {report['rank']}: fp32 losses {report['losses']}, bf16 losses {run['losses']}")
+        assert len(run["losses"]) == MAX_STEPS
+        assert run["losses"] == pytest.approx(report["losses"], abs=2e-2)
+        assert run["losses"] != report["losses"]  # bf16 really ran
 
 
 # ------------------------------------------------------------------------------------------------------------------
