@@ -235,6 +235,46 @@ def test_processes_outside_one_process_group_fail_naming_the_fix(tmp_path, monke
         _trainer(tmp_path, use_cpu=False)
 
 
+def _multi_cpu_accelerator():
+    """What `enable_fsdp2_on_cpu` reads of a 2-process CPU run's accelerator: its state, before FSDP is switched on."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    state = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, mixed_precision="no", fsdp_plugin=None)
+    return SimpleNamespace(state=state)
+
+
+def _fsdp_plugin(version: int):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(fsdp_version=version)
+
+
+def test_fsdp1_requested_on_cpu_fails_naming_the_fix(monkeypatch):
+    from accelerate.utils import DistributedType
+
+    from modeling_ijepa import distributed
+
+    monkeypatch.setattr(distributed, "_backend", lambda: "gloo")  # a gloo group, as accelerate launch --use_cpu forms
+    accelerator = _multi_cpu_accelerator()
+    with pytest.raises(ValueError, match=r"FSDP version 1 was requested on CPU.*--fsdp_version 2"):
+        distributed.enable_fsdp2_on_cpu(accelerator, _fsdp_plugin(1))
+    assert accelerator.state.distributed_type == DistributedType.MULTI_CPU and accelerator.state.fsdp_plugin is None
+
+
+def test_cpu_backend_other_than_gloo_fails_naming_the_fix(monkeypatch):
+    from accelerate.utils import DistributedType
+
+    from modeling_ijepa import distributed
+
+    monkeypatch.setattr(distributed, "_backend", lambda: "mpi")  # e.g. a run started by mpirun
+    accelerator = _multi_cpu_accelerator()
+    with pytest.raises(ValueError, match=r"needs the gloo process-group backend, this run uses 'mpi'.*torchrun"):
+        distributed.enable_fsdp2_on_cpu(accelerator, _fsdp_plugin(2))
+    assert accelerator.state.distributed_type == DistributedType.MULTI_CPU and accelerator.state.fsdp_plugin is None
+
+
 def test_output_dir_in_use_by_a_live_run_is_refused(tmp_path):
     import socket
 
