@@ -290,3 +290,18 @@ def test_output_dir_in_use_by_a_live_run_is_refused(tmp_path):
         sleeper.wait()
     trainer.train()  # the holder is gone: its stale claim is taken over
     assert not (tmp_path / LOCK_FILE_NAME).exists()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# benchmarks/compile_check.py (too slow for the suite: inductor compiles for minutes on 2 cores): its verdict only
+# ------------------------------------------------------------------------------------------------------------------
+def test_compile_check_verdict():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from compile_check import compare_losses
+
+    eager = [0.45, 0.42, 0.41]
+    assert compare_losses(eager, [0.45 + 5e-5, 0.42, 0.41 - 5e-5], 3, 1e-4) == (pytest.approx(5e-5), "")
+    worst, reason = compare_losses(eager, [0.45, 0.4205, 0.41], 3, 1e-4)
+    assert worst == pytest.approx(5e-4) and reason.startswith("step 2:")
+    assert "expected 3 logged losses" in compare_losses(eager, eager[:2], 3, 1e-4)[1]
+    assert compare_losses(eager, [0.45, float("nan"), 0.41], 3, 1e-4)[1] == "a loss is not finite"
