@@ -17,6 +17,7 @@ The check passes when, on every process, every step's logged loss of the compile
 `--tolerance`. The table also shows the largest weight difference after the last step, the training time of each run
 (the compiled one includes compilation: inductor compiles C++ kernels, minutes on 2 cores) and how many graphs dynamo
 compiled (the number of context / target tokens changes from batch to batch, so dynamo recompiles for new shapes).
+The compile time depends on inductor's on-disk cache (`TORCHINDUCTOR_CACHE_DIR`): a second run reuses its kernels.
 This is not part of the test suite because of that compilation time. Exit status 0 on PASS, 1 on FAIL.
 """
 
