@@ -187,9 +187,10 @@ def main(out: Path) -> None:
         _, report["ac_fsdp"] = _composed_run(out, "ac_fsdp", rank, dataset)
     finally:
         del os.environ["FSDP_ACTIVATION_CHECKPOINTING"]
-    # The trainer refuses --bf16 on CPUs without native bf16. This 2-block width-32 model costs nothing even on
-    # torch's reference bf16 kernels, so the worker runs as on a bf16-capable CPU (as the `cpu_with_bf16` fixture of
-    # tests/conftest.py does): the check then runs the same on CPUs with and without native bf16.
+    # The trainer refuses --bf16 on CPUs without native bf16. On torch's reference bf16 kernels this 2-block width-32
+    # model costs about 2 s for the 4 steps (estimated in benchmarks/RESULTS-fsdp.md), so the worker runs as on a
+    # bf16-capable CPU (as the `cpu_with_bf16` fixture of tests/conftest.py does): the check then runs the same on
+    # CPUs with and without native bf16.
     from conftest import simulated_cpu_bf16
 
     from modeling_ijepa import hardware
