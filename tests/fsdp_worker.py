@@ -176,7 +176,7 @@ def main(out: Path) -> None:
     finally:
         del os.environ["FSDP_ACTIVATION_CHECKPOINTING"]
     # The trainer refuses --bf16 on CPUs without native bf16. On torch's reference bf16 kernels this 2-block width-32
-    # model costs about 2 s for the 4 steps (estimated in benchmarks/RESULTS-fsdp.md), so the worker runs as on a
+    # model costs about 2 s for the 4 steps (estimated in benchmarks/RESULTS.md), so the worker runs as on a
     # bf16-capable CPU (as the `cpu_with_bf16` fixture of tests/conftest.py does): the check then runs the same on
     # CPUs with and without native bf16.
     from conftest import simulated_cpu_bf16
