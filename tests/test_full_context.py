@@ -1,7 +1,10 @@
 """Sampler options of the multiblock rule: uniform block placement, random truncation, full (padded) contexts, and
 the attention mask that makes padded contexts give the official loss."""
 
+import importlib.util
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,3 +205,19 @@ def test_full_context_training_step_runs_through_the_collated_batch():
     assert torch.isfinite(outputs.loss) and model.encoder.layers[0].attention.q_proj.weight.grad is not None
     real = outputs.context_hidden_state[outputs.context_mask]
     assert real.shape[0] == int((batch["context_indices"] != CONTEXT_PADDING_INDEX).sum())
+
+
+def test_pretrain_script_takes_the_sampler_options_as_flags_and_recipe_mask_keys(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "training_scripts" / "pretrain.py"
+    spec = importlib.util.spec_from_file_location("pretrain_for_sampler_options", script)
+    pretrain = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = pretrain  # its argument dataclasses look their module up
+    spec.loader.exec_module(pretrain)
+    model_args, _, _, _ = pretrain.parse_args(["--mask_placement", "uniform", "--context_truncation", "none"])
+    config = pretrain.build_config(model_args)
+    assert (config.mask_placement, config.context_truncation) == ("uniform", "none")
+    recipe = tmp_path / "full-context.yaml"
+    recipe.write_text("mask:\n  context_truncation: random\nmodel:\n  sigreg_weight: 0.05\n")
+    model_args, _, _, _ = pretrain.parse_args(["--config", str(recipe)])
+    config = pretrain.build_config(model_args)
+    assert (config.context_truncation, config.sigreg_weight) == ("random", 0.05)
