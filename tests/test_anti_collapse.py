@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_config
+from transformers import TrainerCallback
 
 from modeling_ijepa import IJepaConfig, IJepaForPreTraining
 from modeling_ijepa.data import IJepaPretrainingCollator, default_image_processor, load_digits_dataset
@@ -211,18 +212,41 @@ def test_anti_collapse_options_survive_a_save_and_load(tmp_path):
 # Trainer
 
 
-def test_trainer_logs_the_loss_terms_when_a_regulariser_is_on(tmp_path):
-    torch.manual_seed(0)
-    config = tiny_config(vicreg_variance_weight=0.1, vicreg_covariance_weight=0.01)
-    args = IJepaTrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=2, warmup_steps=1, logging_steps=1,
-        save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, dataloader_drop_last=True,
+class _Kill(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def test_trainer_logs_the_loss_terms_and_resumes_exactly_with_regularisers_and_full_contexts(tmp_path):
+    """SIGReg draws its directions from torch's global generator, which the Trainer's checkpoints restore."""
+    config = tiny_config(
+        vicreg_variance_weight=0.1, sigreg_weight=0.05, sigreg_num_projections=16, context_truncation="none"
     )
-    collator = IJepaPretrainingCollator(mask_sampler_from_config(config), default_image_processor(48))
-    dataset = load_digits_dataset(48)["train"].select(range(16))
-    trainer = IJepaTrainer(IJepaForPreTraining(config), args, train_dataset=dataset, data_collator=collator)
-    trainer.train()
-    logged = [entry for entry in trainer.state.log_history if "loss" in entry][-1]
-    assert {"prediction_loss", "vicreg_variance_loss", "vicreg_covariance_loss"} <= set(logged)
-    assert "sigreg_loss" not in logged
-    assert logged["vicreg_variance_loss"] > 0
+
+    def trainer(output_dir, callbacks=()):
+        torch.manual_seed(0)
+        args = IJepaTrainingArguments(
+            output_dir=str(output_dir), per_device_train_batch_size=8, max_steps=4, warmup_steps=1,
+            logging_steps=1, save_strategy="steps", save_steps=2, report_to="none", use_cpu=True, disable_tqdm=True,
+            dataloader_drop_last=True, seed=0,
+        )
+        collator = IJepaPretrainingCollator(mask_sampler_from_config(config), default_image_processor(48))
+        dataset = load_digits_dataset(48)["train"].select(range(32))
+        return IJepaTrainer(IJepaForPreTraining(config), args, train_dataset=dataset, data_collator=collator,
+                            callbacks=list(callbacks))
+
+    straight = trainer(tmp_path / "straight")
+    straight.train()
+    logged = [entry for entry in straight.state.log_history if "loss" in entry][-1]
+    assert {"prediction_loss", "vicreg_variance_loss", "sigreg_loss"} <= set(logged)
+    assert "vicreg_covariance_loss" not in logged and logged["sigreg_loss"] > 0
+    assert logged["context_tokens"] > 10  # real tokens per image, padding not counted
+    killed = trainer(tmp_path / "killed", callbacks=[_Kill()])
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()
+    resumed = trainer(tmp_path / "killed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "killed" / "checkpoint-2"))
+    expected, got = straight.model.state_dict(), resumed.model.state_dict()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
