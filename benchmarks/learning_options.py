@@ -34,7 +34,13 @@ import time
 from pathlib import Path
 
 import torch
-from learning_check import METRICS, _script, evaluate_encoder, gain_and_spread
+
+
+if not __package__:  # run as a file: import `benchmarks` / `training_scripts` from the repository root, as -m does
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks.learning_check import METRICS, evaluate_encoder, gain_and_spread  # noqa: E402
+from training_scripts import knn_eval, linear_probe, pretrain  # noqa: E402
 
 
 def option_overrides(args: argparse.Namespace) -> dict[str, dict]:
@@ -199,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = evaluation_steps(args.max_steps, args.eval_steps)
     options = {name: option_overrides(args)[name] for name in args.options}
 
-    pretrain, probe, knn = _script("pretrain"), _script("linear_probe"), _script("knn_eval")
+    probe, knn = linear_probe, knn_eval
     base = Path(args.output_dir)
     # Checkpoints at every evaluated step, all kept.
     save_every = math.gcd(*steps)

@@ -1,17 +1,12 @@
 """`benchmarks/learning_options.py`: its options are valid configurations, its steps and tables (no training here)."""
 
 import argparse
-import sys
-from pathlib import Path
 
 import pytest
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import learning_options  # noqa: E402
-
-from modeling_ijepa import IJepaConfig  # noqa: E402
-from modeling_ijepa.cli import parse_config_overrides  # noqa: E402
+from benchmarks import learning_options
+from modeling_ijepa import IJepaConfig
+from modeling_ijepa.cli import parse_config_overrides
 
 
 def test_every_option_is_a_valid_configuration_through_the_config_overrides_flag():
