@@ -351,8 +351,6 @@ def benchmark_model(name: str, args, device: torch.device) -> tuple[list[Timing]
     check["flops"] = flops
     check["num_context"] = context_indices.size(1)
     check["num_target"] = num_target
-    del model, reference, our_opt, ref_opt
-    gc.collect()
     return list(timings.values()), check
 
 
@@ -386,7 +384,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="presets, or vit-t / vit-s / vit-b")
-    parser.add_argument("--batch_size", type=int, default=None, help="images per step (default 16 on CPU, 128 on CUDA)")
+    parser.add_argument(
+        "--batch_size", type=int, default=None, help="images per step (default 16 on CPU, 128 on CUDA)"
+    )
     parser.add_argument(
         "--steps", type=int, default=4,
         help="timed rounds; a round times every implementation and dtype once, back to back (medians shown)",
@@ -474,6 +474,7 @@ def main(argv=None) -> None:
     timings = []
     for model_name in args.models:
         model_timings, check = benchmark_model(model_name, args, device)
+        gc.collect()  # the model, the reference and their optimisers went out of scope with benchmark_model
         timings.extend(model_timings)
         print(
             f"{model_name}: fp32 loss ours {check['ours']:.6f} reference {check['reference']:.6f} "
@@ -497,7 +498,8 @@ def main(argv=None) -> None:
         )
     print(
         "ms/step: median of the timed steps; TFLOP/s: analytic matmul FLOPs per step / ms/step; peak TFLOP/s: median "
-        "over the steps of the\nhigher of two matmul peaks of the same dtype measured just before and after each step; "
+        "over the steps of the\nhigher of two matmul peaks of the same dtype measured just before and after each "
+        "step; "
         "MFU = TFLOP/s / peak TFLOP/s;\npeak MiB: parameters, buffers and optimiser state plus the peak memory added "
         "during one more, untimed step."
     )
