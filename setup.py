@@ -14,7 +14,13 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["modeling_ijepa", "modeling_ijepa.data", "modeling_ijepa.masking", "modeling_ijepa._configuration"],
+    packages=[
+        "modeling_ijepa",
+        "modeling_ijepa.data",
+        "modeling_ijepa.evaluation",
+        "modeling_ijepa.masking",
+        "modeling_ijepa._configuration",
+    ],
     package_dir={"modeling_ijepa": "modeling_ijepa", "modeling_ijepa._configuration": "configuration"},
     package_data={
         "modeling_ijepa": ["metrics/accuracy/*.py"],

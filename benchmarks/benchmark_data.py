@@ -9,24 +9,29 @@ or on a folder of your own (`--train_dir`, an imagefolder with class sub-folders
   the PIL image, ToTensor, Normalize, one image at a time, then their per-image multi-block mask collator);
 - `ours float` / `ours uint8`: `IJepaPretrainingCollator` on the map-style imagefolder dataset, with float32
   normalised output or `uint8` output (normalised later on the training device);
+- `ours uint8 full-size decode`: the same, with `reduced_decode=False` (JPEGs always decoded at full size; the
+  reduced-size decode only applies to crops at least twice the output size on each side, i.e. to larger images);
 - `ours uint8 streamed`: the same collator on a `datasets` stream of parquet shards (decoded from bytes, no files);
 - `decode floor`: reading and decoding each JPEG to RGB and nothing else, with PIL and with libjpeg-turbo
   (`simplejpeg`, the decoder ours uses).
 
 Every single-core path runs in this process with one torch thread (the work of one DataLoader worker, including
 reading the examples from the dataset), round after round, so that machine load hits all paths alike; the table
-gives the median and the range over rounds and ratios taken within each round. Then real DataLoaders with 1 and 2
-worker processes time whole passes over the data. Finally the number of CPU cores that would feed one GPU consuming
-`--gpu_images_per_second` (93: the authors' ViT-H/14 run, 300 epochs of ImageNet in 72 h on 16 A100).
+gives the median and the range over rounds and ratios taken within each round, per CPU second of the process (the
+cost of the work, what a core spends) and per wall-clock second (which also counts time other jobs held the core).
+Then real DataLoaders with 1 and 2 worker processes time whole passes over the data, also in interleaved rounds,
+and report the CPU cores their workers got: on a shared machine a second worker can only help as much as a free core
+is there. Finally the number of CPU cores that would feed one GPU consuming `--gpu_images_per_second` (93: the
+authors' ViT-H/14 run, 300 epochs of ImageNet in 72 h on 16 A100), from the images per CPU second.
 
-    python benchmarks/benchmark_data.py                 # 400 images, 3 rounds, 1 and 2 workers (about 1-2 min)
-    python benchmarks/benchmark_data.py --quick         # a few seconds, for a smoke test
+    python -m benchmarks.benchmark_data                 # 400 images, 3 rounds, 1 and 2 workers (about 2 min)
+    python -m benchmarks.benchmark_data --quick         # a few seconds, for a smoke test
+    python benchmarks/benchmark_data.py --quick         # the same, run as a file
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import os
 import statistics
@@ -39,11 +44,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from reference_ijepa import ReferenceMaskCollator  # noqa: E402
+if not __package__:  # run as a file: import `benchmarks` / `training_scripts` from the repository root, as -m does
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from benchmarks.reference_ijepa import ReferenceMaskCollator  # noqa: E402
 from modeling_ijepa.configuration_ijepa import IJepaConfig  # noqa: E402
 from modeling_ijepa.data import (  # noqa: E402
     IJepaPretrainingCollator,
@@ -54,6 +59,7 @@ from modeling_ijepa.data import (  # noqa: E402
     random_resized_crop,
 )
 from modeling_ijepa.masking import IJepaMaskCollator  # noqa: E402
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -223,11 +229,15 @@ def _batches(num_items: int, batch_size: int) -> list[list[int]]:
     return [list(range(start, min(start + batch_size, num_items))) for start in range(0, num_items, batch_size)]
 
 
-def time_in_process(dataset, collate, batch_size: int) -> float:
-    """Images per second of one process doing a worker's job: fetch every example of a pass, collate in batches."""
+def time_in_process(dataset, collate, batch_size: int) -> tuple[float, float]:
+    """
+    One process doing a worker's job (fetch every example of a pass, collate in batches): images per CPU second of
+    this process (all its threads), and images per wall-clock second. On a machine whose cores are shared the first
+    is the cost of the work; the second also counts the time other jobs held the core.
+    """
     import datasets
 
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     count = 0
     if not isinstance(dataset, datasets.IterableDataset):
         for indices in _batches(len(dataset), batch_size):
@@ -248,7 +258,8 @@ def time_in_process(dataset, collate, batch_size: int) -> float:
         if examples:
             collate(examples)
             count += len(examples)
-    return count / (time.perf_counter() - start)
+    cpu_seconds, seconds = time.process_time() - start_cpu, time.perf_counter() - start
+    return count / max(cpu_seconds, 1e-9), count / seconds
 
 
 def _batch_size_of(batch) -> int:
@@ -257,26 +268,48 @@ def _batch_size_of(batch) -> int:
     return int(batch[0][0].shape[0])
 
 
-def time_loader(dataset, collate, batch_size: int, num_workers: int, passes: int) -> float:
-    """Images per second of a DataLoader with `num_workers` persistent workers, `passes` passes after a warm-up."""
+class WorkerClock:
+    """
+    Wraps a collate function so that every batch also carries the id of the worker that made it and that worker's
+    CPU seconds so far (`time.process_time()`, all its threads): the DataLoader timing then tells how many cores the
+    workers actually got, apart from how fast they were.
+    """
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, examples):
+        batch = self.collate(examples)
+        worker = torch.utils.data.get_worker_info()
+        return batch, (worker.id if worker is not None else -1), time.process_time()
+
+
+def time_loader(dataset, collate, batch_size: int, num_workers: int, passes: int) -> tuple[float, float]:
+    """
+    Images per second of a DataLoader with `num_workers` persistent workers over `passes` passes after a warm-up
+    pass, and the CPU cores its workers used meanwhile (their CPU seconds over the wall-clock seconds).
+    """
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
-        collate_fn=collate,
+        collate_fn=WorkerClock(collate),
         num_workers=num_workers,
         persistent_workers=True,
         prefetch_factor=4,
     )
-    for _ in loader:  # starts the workers and warms caches
-        pass
+    first_cpu, last_cpu = {}, {}
+    for _, worker, cpu in loader:  # starts the workers and warms caches
+        first_cpu[worker] = cpu
     start = time.perf_counter()
     count = 0
     for _ in range(passes):
-        for batch in loader:
+        for batch, worker, cpu in loader:
             count += _batch_size_of(batch)
-    rate = count / (time.perf_counter() - start)
+            last_cpu[worker] = cpu
+    seconds = time.perf_counter() - start
+    cpu_seconds = sum(last_cpu[worker] - first_cpu.get(worker, last_cpu[worker]) for worker in last_cpu)
     del loader
-    return rate
+    return count / seconds, cpu_seconds / seconds
 
 
 def _range(values: list[float], digits: int = 0) -> str:
@@ -339,8 +372,10 @@ def main(argv=None) -> dict:
     config = IJepaConfig(image_size=args.image_size, patch_size=args.patch_size)
     processor = default_image_processor(args.image_size)
 
-    def ours(output_uint8: bool) -> IJepaPretrainingCollator:
-        return IJepaPretrainingCollator(IJepaMaskCollator.from_config(config), processor, output_uint8=output_uint8)
+    def ours(output_uint8: bool, reduced_decode: bool = True) -> IJepaPretrainingCollator:
+        return IJepaPretrainingCollator(
+            IJepaMaskCollator.from_config(config), processor, output_uint8=output_uint8, reduced_decode=reduced_decode
+        )
 
     authors_data = AuthorsImageFolder(files, size=args.image_size)
     authors_collate = AuthorsCollator(ReferenceMaskCollator.from_config(config))
@@ -351,6 +386,7 @@ def main(argv=None) -> dict:
         "authors' pipeline (restated)": (authors_data, authors_collate),
         "ours, float32 out": (mapped, ours(False)),
         "ours, uint8 out": (mapped, ours(True)),
+        "ours, uint8 out, full-size decode": (mapped, ours(True, reduced_decode=False)),
         "ours, uint8 out, streamed parquet": (streamed, ours(True)),
         "decode floor, PIL": (paths, ReadDecode("pil")),
         "decode floor, libjpeg-turbo (ours)": (paths, ReadDecode("simplejpeg")),
@@ -365,22 +401,31 @@ def main(argv=None) -> dict:
     for dataset, collate in single.values():  # warm-up: file cache, lazy imports, first-call costs
         time_in_process(dataset, collate, args.batch_size)
     rates: dict[str, list[float]] = {name: [] for name in single}
+    wall_rates: dict[str, list[float]] = {name: [] for name in single}
     for _ in range(args.rounds):
         for name, (dataset, collate) in single.items():
-            rates[name].append(time_in_process(dataset, collate, args.batch_size))
+            cpu_rate, wall_rate = time_in_process(dataset, collate, args.batch_size)
+            rates[name].append(cpu_rate)
+            wall_rates[name].append(wall_rate)
 
     ours_name, today_name = "ours, uint8 out", "today's collator (PIL, image processor)"
     authors_name, floor_name = "authors' pipeline (restated)", "decode floor, libjpeg-turbo (ours)"
-    print("\n| path (one process, one core) | images/s per core: median (range) | x today | x authors |")
-    print("|---|---|---|---|")
+    print(
+        "\n| path (one process, one core) | images per CPU second: median (range) | x today | x authors | "
+        "images per wall second: median (range) |"
+    )
+    print("|---|---|---|---|---|")
     for name, values in rates.items():
         versus_today = [v / t for v, t in zip(values, rates[today_name])]
         versus_authors = [v / a for v, a in zip(values, rates[authors_name])]
-        print(f"| {name} | {_range(values)} | {_range(versus_today, 2)} | {_range(versus_authors, 2)} |")
+        cells = [_range(values), _range(versus_today, 2), _range(versus_authors, 2), _range(wall_rates[name])]
+        print(f"| {name} | " + " | ".join(cells) + " |")
     of_floor = [v / f for v, f in zip(rates[ours_name], rates[floor_name])]
     print(f"\nours (uint8) / its decode floor: {_range(of_floor, 2)}")
     streamed_ratio = [s / m for s, m in zip(rates["ours, uint8 out, streamed parquet"], rates[ours_name])]
     print(f"ours streamed / ours map-style: {_range(streamed_ratio, 2)}")
+    reduced_ratio = [r / f for r, f in zip(rates[ours_name], rates["ours, uint8 out, full-size decode"])]
+    print(f"ours / ours with full-size decode: {_range(reduced_ratio, 2)}")
     pixel_bytes = 3 * args.image_size * args.image_size
     print(f"bytes per image leaving a worker: uint8 {pixel_bytes:,}, float32 {4 * pixel_bytes:,}")
 
@@ -389,24 +434,51 @@ def main(argv=None) -> dict:
         "ours, uint8 out, streamed parquet": (streamed, ours(True)),
         "authors' pipeline (restated)": (authors_data, authors_collate),
     }
-    worker_rates: dict[str, dict[int, float]] = {}
+    worker_rates: dict[str, dict[int, list[float]]] = {name: {w: [] for w in args.workers} for name in loaders}
+    worker_cores: dict[str, dict[int, list[float]]] = {name: {w: [] for w in args.workers} for name in loaders}
     if args.workers:
-        print("\n| DataLoader | " + " | ".join(f"{w} worker(s), images/s" for w in args.workers) + " | scaling |")
-        print("|---|" + "---|" * (len(args.workers) + 1))
-        for name, (dataset, collate) in loaders.items():
-            worker_rates[name] = {
-                w: time_loader(dataset, collate, args.batch_size, w, args.passes) for w in args.workers
-            }
-            row = [f"{worker_rates[name][w]:,.0f}" for w in args.workers]
-            scaling = worker_rates[name][max(args.workers)] / worker_rates[name][min(args.workers)]
-            print(f"| {name} | " + " | ".join(row) + f" | {scaling:.2f}x |", flush=True)
+        for _ in range(args.rounds):  # interleaved like the single-core rounds: load changes hit every loader alike
+            for name, (dataset, collate) in loaders.items():
+                for w in args.workers:
+                    rate, cores = time_loader(dataset, collate, args.batch_size, w, args.passes)
+                    worker_rates[name][w].append(rate)
+                    worker_cores[name][w].append(cores)
+        low, high = min(args.workers), max(args.workers)
+        print(
+            f"\nDataLoader, {args.rounds} round(s) of {args.passes} pass(es) each: images/s and the CPU cores its "
+            "workers got (median over rounds)"
+        )
+        header = " | ".join(f"{w} worker(s): images/s, cores" for w in args.workers)
+        print(f"| DataLoader | {header} | scaling {high} vs {low}: median (range) | per-core rate {high} vs {low} |")
+        print("|---|" + "---|" * (len(args.workers) + 2))
+        for name in loaders:
+            cells = [
+                f"{statistics.median(worker_rates[name][w]):,.0f}, {statistics.median(worker_cores[name][w]):.2f}"
+                for w in args.workers
+            ]
+            many, few = worker_rates[name][high], worker_rates[name][low]
+            many_cores, few_cores = worker_cores[name][high], worker_cores[name][low]
+            scaling = [m / f for m, f in zip(many, few)]
+            per_core = [(m / mc) / (f / fc) for m, mc, f, fc in zip(many, many_cores, few, few_cores)]
+            cells.extend([_range(scaling, 2), _range(per_core, 2)])
+            print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+        print(
+            "(cores: CPU seconds of the workers over wall seconds. Per-core ratio near 1 with cores below the worker "
+            "count: the workers scale with the cores they get and the machine has fewer free cores than workers.)"
+        )
 
-    print(f"\nCPU cores to feed one GPU at {args.gpu_images_per_second:g} images/s (median per-core rate):")
+    print(f"\nCPU cores to feed one GPU at {args.gpu_images_per_second:g} images/s (median images per CPU second):")
     for name in (ours_name, authors_name, today_name):
         per_core = statistics.median(rates[name])
         print(f"  {name}: {args.gpu_images_per_second / per_core:.2f} cores")
     work.cleanup()
-    return {"rates": rates, "worker_rates": worker_rates, "of_floor": of_floor}
+    return {
+        "rates": rates,
+        "wall_rates": wall_rates,
+        "worker_rates": worker_rates,
+        "worker_cores": worker_cores,
+        "of_floor": of_floor,
+    }
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ foreach EMA, optional bf16 autocast and `torch.compile`.
 
 Example:
 
-    python benchmarks/benchmark_step.py --device cpu
-    python benchmarks/benchmark_step.py --device cuda --models vit_base_patch16_224 --batch_size 128 --dtype bf16
+    python -m benchmarks.benchmark_step --device cpu         # or: python benchmarks/benchmark_step.py ...
+    python -m benchmarks.benchmark_step --device cuda --models vit_base_patch16_224 --batch_size 128 --dtype bf16
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Idle OpenMP threads sleep instead of spinning (set before torch starts its thread pool). On a machine shared with
 # other processes, a spinning thread that gets descheduled stalls every parallel region: steps ran up to 20x slower.
@@ -39,8 +40,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_ijepa import (  # noqa: E402
+
+if not __package__:  # run as a file: import `benchmarks` / `training_scripts` from the repository root, as -m does
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks.reference_ijepa import (  # noqa: E402
     ReferenceMaskCollator,
     official_masks,
     reference_from_ours,
@@ -48,10 +52,10 @@ from reference_ijepa import (  # noqa: E402
     reference_optimizer,
     reference_train_step,
 )
-
 from modeling_ijepa import IJepaConfig, IJepaForPreTraining, hardware  # noqa: E402
 from modeling_ijepa.masking import IJepaMaskCollator  # noqa: E402
 from modeling_ijepa.optimization import ijepa_optimizer  # noqa: E402
+
 
 DEFAULT_MODELS = ("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224")
 SHORT_NAMES = {"vit-t": "vit_tiny_patch16_224", "vit-s": "vit_small_patch16_224", "vit-b": "vit_base_patch16_224"}
@@ -347,8 +351,6 @@ def benchmark_model(name: str, args, device: torch.device) -> tuple[list[Timing]
     check["flops"] = flops
     check["num_context"] = context_indices.size(1)
     check["num_target"] = num_target
-    del model, reference, our_opt, ref_opt
-    gc.collect()
     return list(timings.values()), check
 
 
@@ -382,7 +384,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="presets, or vit-t / vit-s / vit-b")
-    parser.add_argument("--batch_size", type=int, default=None, help="images per step (default 16 on CPU, 128 on CUDA)")
+    parser.add_argument(
+        "--batch_size", type=int, default=None, help="images per step (default 16 on CPU, 128 on CUDA)"
+    )
     parser.add_argument(
         "--steps", type=int, default=4,
         help="timed rounds; a round times every implementation and dtype once, back to back (medians shown)",
@@ -470,6 +474,7 @@ def main(argv=None) -> None:
     timings = []
     for model_name in args.models:
         model_timings, check = benchmark_model(model_name, args, device)
+        gc.collect()  # the model, the reference and their optimisers went out of scope with benchmark_model
         timings.extend(model_timings)
         print(
             f"{model_name}: fp32 loss ours {check['ours']:.6f} reference {check['reference']:.6f} "
@@ -493,7 +498,8 @@ def main(argv=None) -> None:
         )
     print(
         "ms/step: median of the timed steps; TFLOP/s: analytic matmul FLOPs per step / ms/step; peak TFLOP/s: median "
-        "over the steps of the\nhigher of two matmul peaks of the same dtype measured just before and after each step; "
+        "over the steps of the\nhigher of two matmul peaks of the same dtype measured just before and after each "
+        "step; "
         "MFU = TFLOP/s / peak TFLOP/s;\npeak MiB: parameters, buffers and optimiser state plus the peak memory added "
         "during one more, untimed step."
     )

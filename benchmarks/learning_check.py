@@ -4,7 +4,7 @@ Evidence that pre-training learns: on the embedded digits (CPU, offline), pre-tr
 linear-probe and k-NN the pre-trained target encoder and the same architecture at random initialisation, for several
 seeds, with the project's own scripts (`training_scripts/{pretrain,linear_probe,knn_eval}.py`).
 
-    python benchmarks/learning_check.py                 # 3 seeds, ~10 minutes on 2 CPU cores
+    python -m benchmarks.learning_check                 # 3 seeds, ~10 minutes on 2 CPU cores
 
 Prints a table (per seed and summary) and exits with status 1 unless the pre-trained encoder beats random init by more
 than the seed-to-seed spread on both evaluations (spread = the largest max-min range over seeds of either encoder).
@@ -12,15 +12,14 @@ than the seed-to-seed spread on both evaluations (spread = the largest max-min r
 How much the verdict depends on the seeds: run more seeds, then combine the results of several runs. For every subset
 of `--subset_size` seeds, the check is applied as if those seeds had been run alone, and the passing subsets counted:
 
-    python benchmarks/learning_check.py --seeds 3 4 5 --output_dir outputs/learning_check_345
-    python benchmarks/learning_check.py --combine outputs/learning_check/learning_check.json \
+    python -m benchmarks.learning_check --seeds 3 4 5 --output_dir outputs/learning_check_345
+    python -m benchmarks.learning_check --combine outputs/learning_check/learning_check.json \
         outputs/learning_check_345/learning_check.json
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import json
 import math
@@ -30,15 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"ijepa_{name}", ROOT / "training_scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+if not __package__:  # run as a file: import `benchmarks` / `training_scripts` from the repository root, as -m does
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 
 def evaluate_encoder(model: str, seed: int, output_dir: Path, probe, knn) -> dict[str, float]:
@@ -156,28 +149,39 @@ def main(argv: list[str] | None = None) -> int:
     if args.combine:
         return combine(args.combine, args.subset_size)
 
-    pretrain, probe, knn = _script("pretrain"), _script("linear_probe"), _script("knn_eval")
+    from training_scripts import knn_eval, linear_probe, pretrain
+
     base = Path(args.output_dir)
     rows = []
     for seed in args.seeds:
         start = time.monotonic()
         run_dir = base / f"seed{seed}"
         encoder_dir = pretrain.main(
-            ["--seed", str(seed), "--output_dir", str(run_dir / "pretrain"), "--disable_tqdm", "true", *args.pretrain_args]
+            ["--seed", str(seed), "--output_dir", str(run_dir / "pretrain"), "--disable_tqdm", "true",
+             *args.pretrain_args]
         )
         pretrain_minutes = (time.monotonic() - start) / 60
-        pretrained = evaluate_encoder(encoder_dir, seed, run_dir / "eval-pretrained", probe, knn)
-        random_init = evaluate_encoder(f"random:{args.preset}", seed, run_dir / "eval-random", probe, knn)
-        rows.append({"seed": seed, "pretrain_minutes": pretrain_minutes, "pretrained": pretrained, "random": random_init})
-        print(f"[seed {seed}] pre-training {pretrain_minutes:.1f} min; pretrained {pretrained}; random init {random_init}",
-              flush=True)
+        pretrained = evaluate_encoder(encoder_dir, seed, run_dir / "eval-pretrained", linear_probe, knn_eval)
+        random_init = evaluate_encoder(
+            f"random:{args.preset}", seed, run_dir / "eval-random", linear_probe, knn_eval
+        )
+        rows.append(
+            {"seed": seed, "pretrain_minutes": pretrain_minutes, "pretrained": pretrained, "random": random_init}
+        )
+        print(
+            f"[seed {seed}] pre-training {pretrain_minutes:.1f} min; pretrained {pretrained}; "
+            f"random init {random_init}",
+            flush=True,
+        )
 
     verdicts = verdicts_for(rows)
     lines = results_table(rows)
     print("\n".join(lines))
     for metric, verdict in verdicts.items():
-        print(f"{metric}: pre-trained - random = {verdict['gain']:+.1f} points; seed-to-seed spread {verdict['spread']:.1f} "
-              f"points -> {'PASS' if verdict['pass'] else 'FAIL'}")
+        print(
+            f"{metric}: pre-trained - random = {verdict['gain']:+.1f} points; seed-to-seed spread "
+            f"{verdict['spread']:.1f} points -> {'PASS' if verdict['pass'] else 'FAIL'}"
+        )
     base.mkdir(parents=True, exist_ok=True)
     (base / "learning_check.json").write_text(json.dumps({"runs": rows, "verdicts": verdicts}, indent=2))
     (base / "learning_check.md").write_text("\n".join(lines) + "\n")

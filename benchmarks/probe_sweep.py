@@ -9,8 +9,8 @@ table shows test accuracy per encoder and `C`, and per `C` the margin (mean pre-
 seed-to-seed spread (largest max-min range of either group), the quantities `learning_check.py` compares, and the
 same regression on the 64 raw 8x8 pixel values as a floor any useful encoder should reach.
 
-    python benchmarks/learning_check.py      # writes outputs/learning_check/seed{0,1,2}/pretrain
-    python benchmarks/probe_sweep.py --pretrained outputs/learning_check/seed{0,1,2}/pretrain --seeds 0 1 2
+    python -m benchmarks.learning_check      # writes outputs/learning_check/seed{0,1,2}/pretrain
+    python -m benchmarks.probe_sweep --pretrained outputs/learning_check/seed{0,1,2}/pretrain --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -22,8 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from learning_check import gain_and_spread  # noqa: E402  (the check's own margin and spread)
+
+if not __package__:  # run as a file: import `benchmarks` / `training_scripts` from the repository root, as -m does
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks.learning_check import gain_and_spread  # noqa: E402  (the check's own margin and spread)
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -71,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     from sklearn.linear_model import LogisticRegression
     from transformers import AutoConfig
 
-    from modeling_ijepa.evaluation import DataArguments, load_classification_datasets
+    from modeling_ijepa.data import load_classification_datasets
 
-    # The embedded digits, sized for the encoders, exactly as linear_probe.py / knn_eval.py load them with no data flags.
+    # The embedded digits, sized for the encoders, as linear_probe.py / knn_eval.py load them with no data flags.
     config = AutoConfig.from_pretrained(args.pretrained[0])
-    train_dataset, test_dataset, _ = load_classification_datasets(DataArguments(), image_size=config.image_size)
+    train_dataset, test_dataset, _ = load_classification_datasets(image_size=config.image_size)
     datasets = {"train": train_dataset, "test": test_dataset}
     encoders = [("pretrained", path, seed) for path, seed in zip(args.pretrained, args.seeds)]
     encoders += [("random", args.pretrained[0], seed) for seed in args.seeds]
@@ -88,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             probe = LogisticRegression(C=c, max_iter=10000).fit(train_x, train_y)
             row.append(100.0 * probe.score(test_x, test_y))
         accuracy[kind, seed] = row
-        print(f"{kind:<10} seed {seed}: " + "  ".join(f"C={c:g} {a:.1f}" for c, a in zip(args.inverse_strengths, row)), flush=True)
+        scores = "  ".join(f"C={c:g} {a:.1f}" for c, a in zip(args.inverse_strengths, row))
+        print(f"{kind:<10} seed {seed}: {scores}", flush=True)
 
     train_x, train_y, test_x, test_y = raw_pixel_features()
     raw = [100.0 * LogisticRegression(C=c, max_iter=10000).fit(train_x, train_y).score(test_x, test_y)
@@ -99,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
           + " | " + " | ".join(f"random s{s}" for s in args.seeds) + " | margin | spread | raw pixels |")
     print("|---" * (4 + len(args.pretrained) + len(args.seeds)) + "|")
     for index, c in enumerate(args.inverse_strengths):
-        groups = {kind: [accuracy[kind, s][index] for k, s in accuracy if k == kind] for kind in ("pretrained", "random")}
+        groups = {
+            kind: [accuracy[kind, s][index] for k, s in accuracy if k == kind] for kind in ("pretrained", "random")
+        }
         margin, spread = gain_and_spread(groups["pretrained"], groups["random"])
         cells = " | ".join(f"{a:.1f}" for a in groups["pretrained"] + groups["random"])
         print(f"| {c:g} | {cells} | {margin:+.1f} | {spread:.1f} | {raw[index]:.1f} |")

@@ -14,6 +14,10 @@ mask:               # the masking strategy and its settings, as the --mask_strat
   target_scale: [0.15, 0.2]
 ```
 
+The argument dataclasses shared by the three evaluation scripts (`linear_probe.py`, `knn_eval.py`, `finetune.py`)
+live here too: [`EvaluationModelArguments`] and [`EvaluationDataArguments`], whose fields are the keyword arguments of
+`modeling_ijepa.data.load_classification_datasets`.
+
 Only the training scripts import this module; the library below it takes plain keyword arguments.
 """
 
@@ -24,7 +28,7 @@ import difflib
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
@@ -109,6 +113,67 @@ def has_accelerator() -> bool:
     )
 
 
+@dataclass
+class EvaluationModelArguments:
+    """Which encoder to evaluate (linear_probe.py, knn_eval.py, finetune.py)."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Checkpoint directory or hub id of an I-JEPA encoder (ours or vanilla transformers' IJepa; a "
+            "saved IJepaForPreTraining gives its target encoder), or `random:<preset>` (e.g. "
+            "`random:vit_micro_patch4_48`) for a randomly initialised baseline."
+        },
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache downloaded models and datasets."})
+
+    def __post_init__(self) -> None:
+        if not self.model_name_or_path:
+            raise ValueError(
+                "--model_name_or_path is required: pass a checkpoint directory (e.g. outputs/pretrain), a hub id "
+                "(e.g. facebook/ijepa_vith14_1k), or `random:vit_micro_patch4_48` for a random-init baseline."
+            )
+
+
+@dataclass
+class EvaluationDataArguments:
+    """
+    Labelled images. Without `dataset_name` / `train_dir`, the embedded digits (train 1200 / test 597, 48 px). The
+    fields are the keyword arguments of `modeling_ijepa.data.load_classification_datasets`.
+    """
+
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset, e.g. `ILSVRC/imagenet-1k`."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the hub dataset."})
+    train_split: str = field(default="train", metadata={"help": "Training split of the hub dataset."})
+    eval_split: str = field(default="validation", metadata={"help": "Evaluation split of the hub dataset."})
+    train_dir: str | None = field(default=None, metadata={"help": "Local imagefolder (class sub-folders) or parquet."})
+    validation_dir: str | None = field(
+        default=None,
+        metadata={"help": "Local evaluation images; without it, `train_val_split` of --train_dir is held out."},
+    )
+    train_val_split: float = field(
+        default=0.15, metadata={"help": "Fraction of --train_dir held out for evaluation when no --validation_dir."}
+    )
+    image_column: str | None = field(default=None, metadata={"help": "Image column (found automatically if unset)."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column (found automatically if unset)."})
+    label_fraction: float = field(
+        default=1.0,
+        metadata={"help": "Train on this class-balanced, seeded fraction of the labels (e.g. 0.01: one percent)."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training images."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N evaluation images."})
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise ValueError(f"--label_fraction must be in (0, 1], got {self.label_fraction}.")
+        if not 0.0 < self.train_val_split < 1.0:
+            raise ValueError(f"--train_val_split must be in (0, 1), got {self.train_val_split}.")
+
+    def dataset_kwargs(self) -> dict:
+        """The options as keyword arguments of `load_classification_datasets`."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
 class RecipeArgumentParser(HfArgumentParser):
     """
     `HfArgumentParser` taking defaults from a recipe file, with readable errors.
@@ -120,7 +185,8 @@ class RecipeArgumentParser(HfArgumentParser):
     """
 
     def __init__(self, dataclass_types, prog: str, description: str | None = None, default_recipe: str | None = None):
-        super().__init__(dataclass_types, prog=prog, description=description)
+        # Exact flags only: an abbreviation (--max_eval_sample) would silently set another option.
+        super().__init__(dataclass_types, prog=prog, description=description, allow_abbrev=False)
         self.default_recipe = default_recipe
         default = f" (default: {default_recipe})" if default_recipe else ""
         self.add_argument(
@@ -200,4 +266,12 @@ class RecipeArgumentParser(HfArgumentParser):
         return (*outputs, None if recipe_path is None else str(recipe_path))
 
 
-__all__ = ["RecipeArgumentParser", "has_accelerator", "load_recipe", "parse_config_overrides", "resolve_recipe"]
+__all__ = [
+    "EvaluationDataArguments",
+    "EvaluationModelArguments",
+    "RecipeArgumentParser",
+    "has_accelerator",
+    "load_recipe",
+    "parse_config_overrides",
+    "resolve_recipe",
+]

@@ -12,6 +12,13 @@ from transformers.models.ijepa.configuration_ijepa import IJepaConfig as _Transf
 
 from .masking import check_mask_ranges, mask_sampler_class, mask_sampler_from_config
 from .masking.base import pair
+from .masking.multiblock import check_multiblock_options
+
+
+# Which features the variance / covariance (VICReg) and SIGReg regularisers act on.
+REGULARIZED_FEATURES = ("pooled_context", "context", "predictions")
+# How target-encoder features become regression targets.
+TARGET_NORMALIZATIONS = ("layer_norm", "dyn_tanh")
 
 
 def configuration_dir() -> Path:
@@ -61,6 +68,31 @@ class IJepaConfig(_TransformersIJepaConfig):
         allow_overlap (`bool`, *optional*, defaults to `False`): keep target patches in the context (off in I-JEPA).
         mask_strategy (`str`, *optional*, defaults to `"multiblock"`): the masking strategy, a name of
             `modeling_ijepa.masking.MASK_STRATEGIES` (`"multiblock"`: the official rule; `"random"`: random patches).
+        mask_placement (`str`, *optional*, defaults to `"official"`): where the multiblock rule may put a block:
+            `"official"` draws corners with `randint(0, rows - height)` as the authors' code, so no block ever touches
+            the last row or column; `"uniform"` draws `randint(0, rows - height + 1)`, every position alike.
+        context_truncation (`str`, *optional*, defaults to `"first"`): how the multiblock rule makes the contexts of
+            a batch stack: `"first"` cuts every context to the batch's shortest, keeping its first patches in
+            row-major order (official; biased towards the top of the image); `"random"` cuts to the same length but
+            keeps a uniformly random subset; `"none"` keeps every context whole and pads the shorter ones with the
+            index `-1` (`modeling_ijepa.masking.CONTEXT_PADDING_INDEX`), which `IJepaForPreTraining` turns into an
+            attention mask for the encoder and the predictor.
+        vicreg_variance_weight (`float`, *optional*, defaults to 0.0): weight of the VICReg variance term (hinge on
+            the per-dimension standard deviation, `mean(relu(1 - std))`) added to the loss; 0 turns it off.
+        vicreg_covariance_weight (`float`, *optional*, defaults to 0.0): weight of the VICReg covariance term (sum of
+            squared off-diagonal covariances divided by the width); 0 turns it off.
+        sigreg_weight (`float`, *optional*, defaults to 0.0): weight of SIGReg (LeJEPA): the Epps-Pulley statistic of
+            `sigreg_num_projections` random 1-D projections of the features against N(0, 1); 0 turns it off.
+        sigreg_num_projections (`int`, *optional*, defaults to 256): random directions drawn (from torch's global
+            generator, so a resumed run redraws them exactly) at every forward pass for SIGReg.
+        regularized_features (`str`, *optional*, defaults to `"pooled_context"`): what the VICReg and SIGReg terms act
+            on: `"pooled_context"` (each image's context-encoder output averaged over its context patches, one sample
+            per image), `"context"` (every context token) or `"predictions"` (every predicted target token).
+        target_normalization (`str`, *optional*, defaults to `"layer_norm"`): how target-encoder features become
+            targets: `"layer_norm"` (official, parameter-free LayerNorm over features) or `"dyn_tanh"` (bounded:
+            `tanh(dyn_tanh_alpha * features)`, Dynamic Tanh without affine parameters).
+        dyn_tanh_alpha (`float`, *optional*, defaults to 0.5): the fixed scale of `"dyn_tanh"` targets (targets get
+            no gradient, so it is not learned).
 
     Example:
 
@@ -86,6 +118,16 @@ class IJepaConfig(_TransformersIJepaConfig):
     min_context_patches: int = 10
     allow_overlap: bool = False
     mask_strategy: str = "multiblock"
+    mask_placement: str = "official"
+    context_truncation: str = "first"
+    # Anti-collapse options: all off by default, which leaves the official loss bit for bit.
+    vicreg_variance_weight: float = 0.0
+    vicreg_covariance_weight: float = 0.0
+    sigreg_weight: float = 0.0
+    sigreg_num_projections: int = 256
+    regularized_features: str = "pooled_context"
+    target_normalization: str = "layer_norm"
+    dyn_tanh_alpha: float = 0.5
 
     def __post_init__(self, **kwargs):
         if self.predictor_num_attention_heads is None:
@@ -125,6 +167,41 @@ class IJepaConfig(_TransformersIJepaConfig):
             self.context_aspect_ratio,
             self.min_context_patches,
         )
+        check_multiblock_options(self.mask_placement, self.context_truncation)
+        sampler_options = (self.mask_placement, self.context_truncation)
+        if self.mask_strategy != "multiblock" and sampler_options != ("official", "first"):
+            raise ValueError(
+                f"mask_placement={self.mask_placement!r} / context_truncation={self.context_truncation!r} are options "
+                f"of the 'multiblock' strategy, not of {self.mask_strategy!r}: set mask_strategy='multiblock' or "
+                "leave them at 'official' / 'first'."
+            )
+        self._validate_anti_collapse_options()
+
+    def _validate_anti_collapse_options(self) -> None:
+        for name in ("vicreg_variance_weight", "vicreg_covariance_weight", "sigreg_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < float("inf"):
+                raise ValueError(f"{name}={value!r} must be a finite number >= 0 (0 turns the term off).")
+        projections = self.sigreg_num_projections
+        if isinstance(projections, bool) or not isinstance(projections, int) or projections < 1:
+            raise ValueError(f"sigreg_num_projections={projections!r} must be a positive integer (LeJEPA uses 256).")
+        if self.regularized_features not in REGULARIZED_FEATURES:
+            raise ValueError(
+                f"regularized_features={self.regularized_features!r} is not one of {list(REGULARIZED_FEATURES)}."
+            )
+        if self.target_normalization not in TARGET_NORMALIZATIONS:
+            raise ValueError(
+                f"target_normalization={self.target_normalization!r} is not one of {list(TARGET_NORMALIZATIONS)}: "
+                "'layer_norm' is the official one, 'dyn_tanh' the bounded alternative."
+            )
+        alpha = self.dyn_tanh_alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha < float("inf"):
+            raise ValueError(f"dyn_tanh_alpha={alpha!r} must be a finite number > 0 (the DynTanh default is 0.5).")
+
+    @property
+    def uses_regularizers(self) -> bool:
+        """Whether any VICReg / SIGReg term is on (a weight above 0)."""
+        return bool(self.vicreg_variance_weight or self.vicreg_covariance_weight or self.sigreg_weight)
 
     def check_image_and_patch_size(self) -> None:
         """Raise `ValueError` naming the fix when `image_size` is not a multiple of `patch_size`."""
@@ -155,4 +232,4 @@ class IJepaConfig(_TransformersIJepaConfig):
         return cls(**values)
 
 
-__all__ = ["IJepaConfig", "configuration_dir", "list_presets"]
+__all__ = ["IJepaConfig", "REGULARIZED_FEATURES", "TARGET_NORMALIZATIONS", "configuration_dir", "list_presets"]

@@ -27,6 +27,7 @@ from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_ijepa import IJepaConfig
+from .masking.base import CONTEXT_PADDING_INDEX
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: tuple[int, int]) -> torch.Tensor:
@@ -77,10 +78,44 @@ def _check_indices(name: str, indices: torch.Tensor, batch_size: int, num_patche
         )
     # A range check costs a device sync on accelerators, where an out-of-range gather fails loudly anyway.
     if indices.device.type == "cpu" and indices.numel() and (indices.min() < 0 or indices.max() >= num_patches):
+        padding = (
+            f" A {name} row padded with {CONTEXT_PADDING_INDEX} comes from full-context masks: build the model with "
+            "context_truncation='none' (or pass context_mask to the encoder)."
+            if name == "context_indices" and bool((indices == CONTEXT_PADDING_INDEX).any())
+            else ""
+        )
         raise ValueError(
             f"{name} holds patch indices outside [0, {num_patches}) for this image size: indices refer to the "
-            "flattened patch grid of the input image."
+            f"flattened patch grid of the input image.{padding}"
         )
+
+
+def _check_context_mask(context_mask: torch.Tensor, context_indices: torch.Tensor | None) -> None:
+    if context_indices is None:
+        raise ValueError(
+            "context_mask marks the padding of context_indices: pass context_indices too (the full image has no "
+            "padding)."
+        )
+    if context_mask.dtype != torch.bool or context_mask.shape != context_indices.shape:
+        raise ValueError(
+            f"context_mask must be a boolean tensor shaped like context_indices {tuple(context_indices.shape)} (True "
+            f"at real context tokens, False at padding), got dtype {context_mask.dtype} and shape "
+            f"{tuple(context_mask.shape)}."
+        )
+
+
+def key_padding_mask(token_mask: torch.Tensor) -> torch.Tensor:
+    """`(batch_size, sequence_length)` boolean, `True` at real tokens -> the `(batch_size, 1, 1, sequence_length)`
+    `attention_mask` of the attention functions (every query ignores the padding keys)."""
+    return token_mask[:, None, None, :]
+
+
+def masked_mean(hidden_states: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over tokens of `(batch_size, num_tokens, hidden_size)`, over the `True` tokens of `token_mask` if given."""
+    if token_mask is None:
+        return hidden_states.mean(dim=1)
+    weights = token_mask.unsqueeze(-1).to(hidden_states.dtype)
+    return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
 
 def eager_attention_forward(
@@ -90,15 +125,19 @@ def eager_attention_forward(
     value: torch.Tensor,
     scaling: float,
     dropout: float = 0.0,
+    attention_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
-    Explicit softmax attention. `query`, `key`, `value`: `(batch_size, num_heads, sequence_length, head_dim)`.
+    Explicit softmax attention. `query`, `key`, `value`: `(batch_size, num_heads, sequence_length, head_dim)`;
+    `attention_mask`: optional boolean `(batch_size, 1, 1, sequence_length)`, `False` at keys never attended (padding).
 
     Returns:
         The attention output `(batch_size, sequence_length, num_heads, head_dim)` and the attention weights
         `(batch_size, num_heads, sequence_length, sequence_length)`.
     """
     scores = torch.matmul(query, key.transpose(-2, -1)) * scaling
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
     weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
     output = torch.matmul(F.dropout(weights, p=dropout, training=module.training), value)
     return output.transpose(1, 2), weights
@@ -111,6 +150,7 @@ def sdpa_attention_forward(
     value: torch.Tensor,
     scaling: float,
     dropout: float = 0.0,
+    attention_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, None]:
     """
     `torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU); same shapes as
@@ -123,9 +163,13 @@ def sdpa_attention_forward(
     """
     if query.device.type == "cpu" and query.dtype == torch.bfloat16:
         scores = torch.matmul(query * scaling, key.transpose(-2, -1))
+        if attention_mask is not None:
+            scores = scores.masked_fill(~attention_mask, float("-inf"))
         probabilities = F.dropout(scores.softmax(dim=-1), p=dropout, training=module.training)
         return torch.matmul(probabilities, value).transpose(1, 2), None
-    output = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling)
+    output = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling
+    )
     return output.transpose(1, 2), None
 
 
@@ -183,11 +227,15 @@ class IJepaSelfAttention(nn.Module):
         )
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False
+        self,
+        hidden_states: torch.Tensor,
+        output_attentions: bool = False,
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
-        `hidden_states`: `(batch_size, sequence_length, hidden_size)`. Returns the same shape and the attention weights
-        `(batch_size, num_heads, sequence_length, sequence_length)` if `output_attentions`, else `None`.
+        `hidden_states`: `(batch_size, sequence_length, hidden_size)`; `attention_mask`: optional boolean
+        `(batch_size, 1, 1, sequence_length)`, `False` at padding keys. Returns the same shape as `hidden_states` and
+        the attention weights `(batch_size, num_heads, sequence_length, sequence_length)` if `output_attentions`.
         """
         batch_size, sequence_length, _ = hidden_states.shape
         query, key, value = self._query_key_value(hidden_states)
@@ -199,7 +247,9 @@ class IJepaSelfAttention(nn.Module):
             )
         attention = eager_attention_forward if output_attentions else ATTENTION_FUNCTIONS[implementation]
         dropout = self.config.attention_probs_dropout_prob if self.training else 0.0
-        context, weights = attention(self, query, key, value, scaling=self.scaling, dropout=dropout)
+        context, weights = attention(
+            self, query, key, value, scaling=self.scaling, dropout=dropout, attention_mask=attention_mask
+        )
         return self.o_proj(context.reshape(batch_size, sequence_length, -1)), weights
 
 
@@ -231,10 +281,15 @@ class IJepaLayer(GradientCheckpointingLayer):
         self.attention.o_proj._ijepa_init_scale = depth_scale
         self.mlp.fc2._ijepa_init_scale = depth_scale
 
-    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False) -> torch.Tensor:
-        """`(batch_size, sequence_length, hidden_size)` in and out; attention weights are captured from the attention
-        module by `capture_outputs`."""
-        attention_output, _ = self.attention(self.layernorm_before(hidden_states), output_attentions)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        output_attentions: bool = False,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`(batch_size, sequence_length, hidden_size)` in and out; `attention_mask` as in [`IJepaSelfAttention`];
+        attention weights are captured from the attention module by `capture_outputs`."""
+        attention_output, _ = self.attention(self.layernorm_before(hidden_states), output_attentions, attention_mask)
         hidden_states = hidden_states + self.dropout(attention_output)
         return hidden_states + self.dropout(self.mlp(self.layernorm_after(hidden_states)))
 
@@ -385,6 +440,7 @@ class IJepaModel(IJepaPreTrainedModel):
         pixel_values: torch.Tensor,
         context_indices: torch.LongTensor | None = None,
         interpolate_pos_encoding: bool | None = None,
+        context_mask: torch.BoolTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling:
         """
@@ -393,6 +449,9 @@ class IJepaModel(IJepaPreTrainedModel):
             context_indices: optional `(batch_size, num_context)` LongTensor of flattened patch indices. Only these
                 tokens (after the position embedding is added) go through the transformer: the others are dropped.
             interpolate_pos_encoding: bicubically resize the position embedding for another input resolution.
+            context_mask: optional boolean `(batch_size, num_context)`, `False` where `context_indices` is padding
+                (contexts of different lengths in one batch). Padding tokens are never attended to and are left out of
+                `pooler_output`; their entries of `last_hidden_state` carry no meaning.
             output_hidden_states: `True` for the input of the first layer and every layer's output
                 (`num_hidden_layers + 1` tensors `(batch_size, num_tokens, hidden_size)`, before the final LayerNorm),
                 or a list of indices into them (the others are `None`).
@@ -402,7 +461,8 @@ class IJepaModel(IJepaPreTrainedModel):
 
         Returns:
             [`BaseModelOutputWithPooling`] with `last_hidden_state` `(batch_size, num_tokens, hidden_size)` (after the
-            final LayerNorm) and `pooler_output` `(batch_size, hidden_size)`, the mean over output tokens.
+            final LayerNorm) and `pooler_output` `(batch_size, hidden_size)`, the mean over output tokens (real tokens
+            only when `context_mask` is given).
         """
         _check_forward_kwargs(self, kwargs)
         output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
@@ -425,6 +485,11 @@ class IJepaModel(IJepaPreTrainedModel):
             )
 
         hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
+        attention_mask = None
+        if context_mask is not None:
+            _check_context_mask(context_mask, context_indices)
+            context_indices = context_indices.masked_fill(~context_mask, 0)  # padding gathers any patch, masked below
+            attention_mask = key_padding_mask(context_mask)
         if context_indices is not None:
             _check_indices("context_indices", context_indices, hidden_states.size(0), hidden_states.size(1), ndim=2)
             hidden_states = gather_tokens(hidden_states, context_indices)
@@ -435,9 +500,11 @@ class IJepaModel(IJepaPreTrainedModel):
             hidden_states = hidden_states.contiguous()
 
         for layer in self.layers:
-            hidden_states = layer(hidden_states, bool(output_attentions))
+            hidden_states = layer(hidden_states, bool(output_attentions), attention_mask)
         sequence_output = self.layernorm(hidden_states)
-        return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=sequence_output.mean(dim=1))
+        return BaseModelOutputWithPooling(
+            last_hidden_state=sequence_output, pooler_output=masked_mean(sequence_output, context_mask)
+        )
 
 
 class IJepaPredictor(nn.Module):
@@ -478,13 +545,19 @@ class IJepaPredictor(nn.Module):
         self.projection = nn.Linear(config.predictor_hidden_size, config.hidden_size)
 
     def forward(
-        self, context_hidden_states: torch.Tensor, context_indices: torch.LongTensor, target_indices: torch.LongTensor
+        self,
+        context_hidden_states: torch.Tensor,
+        context_indices: torch.LongTensor,
+        target_indices: torch.LongTensor,
+        context_mask: torch.BoolTensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
             context_hidden_states: `(batch_size, num_context, hidden_size)`, the context encoder output.
             context_indices: `(batch_size, num_context)`.
             target_indices: `(batch_size, num_target_blocks, num_target)`.
+            context_mask: optional boolean `(batch_size, num_context)`, `False` at padding context tokens, which no
+                token attends to.
 
         Returns:
             Predictions `(batch_size, num_target_blocks, num_target, hidden_size)`.
@@ -492,6 +565,13 @@ class IJepaPredictor(nn.Module):
         batch_size, num_blocks, num_target = target_indices.shape
         num_context = context_indices.size(1)
         position_embeddings = self.position_embeddings.expand(batch_size, -1, -1)
+        attention_mask = None
+        if context_mask is not None:
+            _check_context_mask(context_mask, context_indices)
+            context_indices = context_indices.masked_fill(~context_mask, 0)
+            # Every block's sequence is [context, its mask tokens]: keys are the real context tokens and the targets.
+            token_mask = torch.cat([context_mask, context_mask.new_ones(batch_size, num_target)], dim=1)
+            attention_mask = key_padding_mask(token_mask.unsqueeze(1).expand(-1, num_blocks, -1).flatten(0, 1))
 
         context = self.embeddings(context_hidden_states) + gather_tokens(position_embeddings, context_indices)
         # (batch, blocks, context + target, width) -> (batch * blocks, ...): every block sees its own copy of the context.
@@ -501,9 +581,77 @@ class IJepaPredictor(nn.Module):
         hidden_states = torch.cat([context, targets], dim=2).flatten(0, 1)
 
         for layer in self.layers:
-            hidden_states = layer(hidden_states)
+            hidden_states = layer(hidden_states, False, attention_mask)
         predictions = self.projection(self.layernorm(hidden_states[:, num_context:]))
         return predictions.view(batch_size, num_blocks, num_target, -1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Anti-collapse regularisers (off by default; see `IJepaConfig.vicreg_*_weight` and `IJepaConfig.sigreg_*`)
+
+
+def _check_samples(name: str, features: torch.Tensor) -> None:
+    if features.dim() != 2 or features.size(0) < 2:
+        raise ValueError(
+            f"{name} needs features of shape (num_samples >= 2, dim), got {tuple(features.shape)}: with "
+            "regularized_features='pooled_context' every image is one sample, so use a batch of at least 2 images."
+        )
+
+
+def vicreg_variance_loss(features: torch.Tensor, epsilon: float = 1e-4) -> torch.Tensor:
+    """
+    VICReg's variance term: `mean_d relu(1 - sqrt(var_d + epsilon))` over the dimensions of `(num_samples, dim)`
+    features (variance over samples); 0 once every dimension has a standard deviation of at least 1.
+    """
+    _check_samples("vicreg_variance_loss", features)
+    std = torch.sqrt(features.float().var(dim=0) + epsilon)
+    return F.relu(1.0 - std).mean()
+
+
+def vicreg_covariance_loss(features: torch.Tensor) -> torch.Tensor:
+    """
+    VICReg's covariance term: the squared off-diagonal entries of the covariance matrix of `(num_samples, dim)`
+    features, summed and divided by `dim`; 0 when the dimensions are decorrelated.
+    """
+    _check_samples("vicreg_covariance_loss", features)
+    features = features.float()
+    centred = features - features.mean(dim=0)
+    covariance = centred.T @ centred / (features.size(0) - 1)
+    off_diagonal = covariance - torch.diag_embed(torch.diagonal(covariance))
+    return off_diagonal.square().sum() / features.size(1)
+
+
+def sigreg_loss(
+    features: torch.Tensor, num_projections: int = 256, num_knots: int = 17, max_frequency: float = 3.0
+) -> torch.Tensor:
+    """
+    SIGReg of LeJEPA (Balestriero & LeCun, 2025): the features should be isotropic Gaussian, N(0, I). Each of
+    `num_projections` random unit directions (drawn from torch's global generator at every call) projects the
+    `(num_samples, dim)` features to 1-D, and the Epps-Pulley statistic compares the empirical characteristic function
+    of the projections with that of N(0, 1):
+
+        num_samples * integral over t of |mean_n exp(i t x_n) - exp(-t^2 / 2)|^2 exp(-t^2 / 2) dt,
+
+    integrated with the trapezoid rule on `num_knots` points of `[0, max_frequency]` (the integrand is even in t).
+    Returns the mean statistic over directions (0 for Gaussian features, up to sampling noise).
+    """
+    _check_samples("sigreg_loss", features)
+    features = features.float()
+    directions = torch.randn(features.size(1), num_projections, device=features.device)
+    directions = directions / directions.norm(dim=0, keepdim=True)
+    frequencies = torch.linspace(0.0, max_frequency, num_knots, device=features.device)
+    gaussian = torch.exp(-0.5 * frequencies.square())  # characteristic function of N(0, 1), also the weight window
+    step = max_frequency / (num_knots - 1)
+    quadrature = torch.full((num_knots,), 2.0 * step, device=features.device)  # doubled: the integral over t < 0
+    quadrature[[0, -1]] = step
+    angles = (features @ directions).unsqueeze(-1) * frequencies  # (num_samples, num_projections, num_knots)
+    error = (angles.cos().mean(dim=0) - gaussian).square() + angles.sin().mean(dim=0).square()
+    statistic = (error @ (quadrature * gaussian)) * features.size(0)  # (num_projections,)
+    return statistic.mean()
+
+
+# Loss terms of `IJepaForPreTrainingOutput`, set when a regulariser is on (the trainer logs those present).
+LOSS_PARTS = ("prediction_loss", "vicreg_variance_loss", "vicreg_covariance_loss", "sigreg_loss")
 
 
 @dataclass
@@ -518,6 +666,11 @@ class IJepaForPreTrainingOutput(ModelOutput):
         context_hidden_state: `(batch_size, num_context, hidden_size)` context-encoder output.
         target_pooler_output: `(batch_size, hidden_size)` mean of the target-encoder output over all patches (the
             features used downstream; handy for collapse monitors).
+        context_mask: `(batch_size, num_context)` boolean, `False` at padding context tokens (full-context batches,
+            `context_truncation="none"`); `None` when no context is padded.
+        prediction_loss: the smooth-L1 term alone, and `vicreg_variance_loss`, `vicreg_covariance_loss`,
+            `sigreg_loss` the regularisers before weighting: set only when a regulariser is on (`loss` is then
+            `prediction_loss` plus the weighted regularisers).
     """
 
     loss: torch.FloatTensor | None = None
@@ -525,6 +678,11 @@ class IJepaForPreTrainingOutput(ModelOutput):
     targets: torch.FloatTensor | None = None
     context_hidden_state: torch.FloatTensor | None = None
     target_pooler_output: torch.FloatTensor | None = None
+    context_mask: torch.BoolTensor | None = None
+    prediction_loss: torch.FloatTensor | None = None
+    vicreg_variance_loss: torch.FloatTensor | None = None
+    vicreg_covariance_loss: torch.FloatTensor | None = None
+    sigreg_loss: torch.FloatTensor | None = None
 
 
 class IJepaForPreTraining(IJepaPreTrainedModel):
@@ -534,6 +692,13 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
     `forward(pixel_values, context_indices, target_indices)` returns the smooth-L1 loss between the predictor output
     and the layer-normed target-encoder features at the target patches. Call [`update_target_encoder`] after each
     optimiser step.
+
+    Options of the configuration, all off by default (the official loss, bit for bit):
+    - `vicreg_variance_weight`, `vicreg_covariance_weight`, `sigreg_weight`: regularisers added to the loss, on the
+      features chosen by `regularized_features`;
+    - `target_normalization="dyn_tanh"`: targets `tanh(dyn_tanh_alpha * features)` instead of a LayerNorm;
+    - `context_truncation="none"`: `context_indices` rows padded with `CONTEXT_PADDING_INDEX` (-1); the padding is
+      masked out of attention in the encoder and the predictor and left out of the regularisers.
     """
 
     def __init__(self, config: IJepaConfig):
@@ -582,7 +747,8 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         """
         Args:
             pixel_values: `(batch_size, num_channels, height, width)`.
-            context_indices: `(batch_size, num_context)` flattened patch indices of the context.
+            context_indices: `(batch_size, num_context)` flattened patch indices of the context; with
+                `config.context_truncation="none"`, shorter rows end in `CONTEXT_PADDING_INDEX` (-1).
             target_indices: `(batch_size, num_target_blocks, num_target)` flattened patch indices of each target block.
         """
         _check_forward_kwargs(self, kwargs)
@@ -596,16 +762,34 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         num_patches = self.encoder.embeddings.position_embeddings.size(1)
         _check_indices("target_indices", target_indices, batch_size, num_patches, ndim=3)
 
+        # A static choice of the configuration, so that the official path never pays for (or syncs on) a mask.
+        context_mask = context_indices != CONTEXT_PADDING_INDEX if self.config.context_truncation == "none" else None
+
         with torch.no_grad():
             target_output = self.target_encoder(pixel_values).last_hidden_state
-            target_features = F.layer_norm(target_output, (target_output.size(-1),))
+            if self.config.target_normalization == "dyn_tanh":
+                target_features = torch.tanh(self.config.dyn_tanh_alpha * target_output)
+            else:
+                target_features = F.layer_norm(target_output, (target_output.size(-1),))
             num_blocks, num_target = target_indices.shape[1:]
             targets = gather_tokens(target_features, target_indices.reshape(batch_size, -1))
             targets = targets.view(batch_size, num_blocks, num_target, -1)
 
-        context_hidden_state = self.encoder(pixel_values, context_indices=context_indices).last_hidden_state
-        predictions = self.predictor(context_hidden_state, context_indices, target_indices)
+        context_hidden_state = self.encoder(
+            pixel_values, context_indices=context_indices, context_mask=context_mask
+        ).last_hidden_state
+        predictions = self.predictor(context_hidden_state, context_indices, target_indices, context_mask)
         loss = F.smooth_l1_loss(predictions.float(), targets.float())
+        parts = {}
+        if self.config.uses_regularizers:
+            parts = self._regularizers(predictions, context_hidden_state, context_mask)
+            parts["prediction_loss"] = loss
+            weights = {
+                "vicreg_variance_loss": self.config.vicreg_variance_weight,
+                "vicreg_covariance_loss": self.config.vicreg_covariance_weight,
+                "sigreg_loss": self.config.sigreg_weight,
+            }
+            loss = loss + sum(weight * parts[name] for name, weight in weights.items() if name in parts)
 
         output = IJepaForPreTrainingOutput(
             loss=loss,
@@ -613,8 +797,32 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
             targets=targets,
             context_hidden_state=context_hidden_state,
             target_pooler_output=target_output.mean(dim=1),
+            context_mask=context_mask,
+            **parts,
         )
         return output if return_dict else output.to_tuple()
+
+    def _regularizers(
+        self, predictions: torch.Tensor, context_hidden_state: torch.Tensor, context_mask: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """The unweighted regularisers that are on, on the `(num_samples, hidden_size)` features they act on."""
+        config = self.config
+        if config.regularized_features == "predictions":
+            features = predictions.flatten(0, 2)
+        elif config.regularized_features == "context":
+            features = context_hidden_state.flatten(0, 1)
+            if context_mask is not None:
+                features = context_hidden_state[context_mask]
+        else:  # "pooled_context": one sample per image
+            features = masked_mean(context_hidden_state, context_mask)
+        parts = {}
+        if config.vicreg_variance_weight:
+            parts["vicreg_variance_loss"] = vicreg_variance_loss(features)
+        if config.vicreg_covariance_weight:
+            parts["vicreg_covariance_loss"] = vicreg_covariance_loss(features)
+        if config.sigreg_weight:
+            parts["sigreg_loss"] = sigreg_loss(features, config.sigreg_num_projections)
+        return parts
 
 
 class IJepaForImageClassification(IJepaPreTrainedModel):
@@ -677,4 +885,7 @@ __all__ = [
     "IJepaForImageClassification",
     "get_2d_sincos_pos_embed",
     "gather_tokens",
+    "sigreg_loss",
+    "vicreg_covariance_loss",
+    "vicreg_variance_loss",
 ]

@@ -39,7 +39,7 @@ from .distributed import (
     validate_launch,
 )
 from .hardware import require_native_cpu_bf16
-from .modeling_ijepa import IJepaForPreTraining
+from .modeling_ijepa import LOSS_PARTS, IJepaForPreTraining
 from .optimization import ijepa_ema_momentum, ijepa_learning_rate, ijepa_optimizer, ijepa_weight_decay
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,8 @@ class IJepaTrainer(Trainer):
     - the target encoder is not optimised; it follows the encoder by EMA once per optimiser step, momentum linear
       from `ema_momentum_start` to `ema_momentum_end`;
     - logs lr, wd, momentum, context/target token counts and collapse monitors (std of the target features over
-      samples, averaged over dimensions, and the effective rank of the pooled target features);
+      samples, averaged over dimensions, and the effective rank of the pooled target features), and the loss terms
+      (`prediction_loss`, `vicreg_*_loss`, `sigreg_loss`) when a regulariser of the configuration is on;
     - a non-finite loss stops the run before the optimiser step, so the last checkpoint stays the last good one;
     - checkpoints are written to a staging folder and renamed, so a kill during a save never leaves a partial one;
     - with a `knn_monitor` ([`~modeling_ijepa.monitoring.KnnMonitor`]), [`evaluate`] scores the frozen target encoder
@@ -282,11 +283,15 @@ class IJepaTrainer(Trainer):
                 "bf16 instead of fp16, or check the input data."
             )
         if self._is_logging_step():
-            self._step_metrics["context_tokens"] = float(inputs["context_indices"].shape[1])
+            # Real context tokens per image (padded full-context batches end their rows in -1 indices).
+            self._step_metrics["context_tokens"] = float((inputs["context_indices"] >= 0).sum(dim=1).float().mean())
             self._step_metrics["target_tokens"] = float(inputs["target_indices"][0].numel())
             dropped = getattr(self.data_collator, "num_dropped", None)
             if dropped is not None:  # counted in this process (DataLoader workers keep their own counts)
                 self._step_metrics["skipped_images"] = float(dropped)
+            for name in LOSS_PARTS:  # the loss terms, when a regulariser is on
+                if getattr(outputs, name, None) is not None:
+                    self._step_metrics[name] = float(getattr(outputs, name).detach())
             if self.args.monitor_collapse:
                 with torch.no_grad():
                     targets = outputs.targets.detach().float().flatten(0, 2)

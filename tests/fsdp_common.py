@@ -4,6 +4,7 @@ from pathlib import Path
 
 import torch
 
+
 MAX_STEPS = 4
 SAVE_STEPS = 2
 PER_RANK_BATCH = 4

@@ -1,18 +1,12 @@
 """The benchmark's reference (a re-statement of the authors' step) must compute what our model computes."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import tiny_config
 from torch.utils.flop_counter import FlopCounterMode
 
-from modeling_ijepa import IJepaForPreTraining
-from modeling_ijepa.masking import IJepaMaskCollator
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from benchmark_step import our_optimizer, our_train_step, step_flops  # noqa: E402
-from reference_ijepa import (  # noqa: E402
+from benchmarks.benchmark_step import our_optimizer, our_train_step, step_flops
+from benchmarks.reference_ijepa import (
     ReferenceMaskCollator,
     official_masks,
     reference_forward,
@@ -21,8 +15,8 @@ from reference_ijepa import (  # noqa: E402
     reference_optimizer,
     reference_train_step,
 )
-
-from conftest import tiny_config  # noqa: E402
+from modeling_ijepa import IJepaForPreTraining
+from modeling_ijepa.masking import IJepaMaskCollator
 
 
 def _model_and_batch(batch_size: int = 3, **overrides):
@@ -174,7 +168,7 @@ def test_bf16_explicit_attention_matches_fp32_sdpa_with_gradients():
 
 
 def test_benchmark_script_runs_end_to_end_and_reports_every_column(capsys, cpu_with_bf16):
-    from benchmark_step import main
+    from benchmarks.benchmark_step import main
 
     main(
         ["--device", "cpu", "--models", "vit_micro_patch4_48", "--batch_size", "2", "--steps", "1",
@@ -198,7 +192,7 @@ def test_benchmark_script_runs_end_to_end_and_reports_every_column(capsys, cpu_w
 
 
 def test_benchmark_skips_bf16_on_a_cpu_without_it_and_says_why(capsys, cpu_without_bf16, monkeypatch):
-    import benchmark_step
+    from benchmarks import benchmark_step
 
     measured = []
     original = benchmark_step.matmul_peak
@@ -215,7 +209,7 @@ def test_benchmark_skips_bf16_on_a_cpu_without_it_and_says_why(capsys, cpu_witho
 
 
 def test_benchmark_refuses_a_bf16_only_run_on_a_cpu_without_it(capsys, cpu_without_bf16):
-    from benchmark_step import parse_args
+    from benchmarks.benchmark_step import parse_args
 
     with pytest.raises(SystemExit):
         parse_args(["--device", "cpu", "--dtype", "bf16"])

@@ -13,8 +13,10 @@ from modeling_ijepa.data import (
     IJepaPretrainingCollator,
     ImageClassificationCollator,
     PixelNormalizer,
+    crop_and_resize,
     decode_image,
     decode_image_array,
+    decode_random_crop,
     default_image_processor,
     digits_split,
     load_digits_dataset,
@@ -101,7 +103,8 @@ def test_pretraining_batches_depend_only_on_seed_and_batch_index():
 
 def test_classification_collator_keeps_labels_aligned_with_kept_images():
     collator = ImageClassificationCollator(default_image_processor(48))
-    batch = collator([{"image": _gradient(), "label": 3}, {"image": b"junk", "label": 4}, {"image": _gradient(), "label": 5}])
+    examples = [{"image": _gradient(), "label": 3}, {"image": b"junk", "label": 4}, {"image": _gradient(), "label": 5}]
+    batch = collator(examples)
     assert batch["labels"].tolist() == [3, 5] and batch["pixel_values"].shape == (2, 3, 48, 48)
 
 
@@ -139,7 +142,9 @@ def test_custom_image_column_is_renamed(tmp_path):
     table = table.cast_column("picture", datasets.Image())
     table.to_parquet(str(tmp_path / "data.parquet"))
     for streaming in (False, True):
-        dataset = load_image_dataset(train_dir=str(tmp_path), image_column="picture", label_column="y", streaming=streaming)
+        dataset = load_image_dataset(
+            train_dir=str(tmp_path), image_column="picture", label_column="y", streaming=streaming
+        )
         example = next(iter(dataset))
         assert set(example) == {"image", "label"} and decode_image(example["image"]).mode == "RGB"
 
@@ -280,3 +285,69 @@ def test_classification_collator_calls_processors_it_cannot_restate():
     batch = ImageClassificationCollator(processor)(examples)
     expected = processor(images=[e["image"] for e in examples], return_tensors="pt")["pixel_values"]
     assert torch.equal(batch["pixel_values"], expected)
+
+
+def _jpeg(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90, **options)
+    return buffer.getvalue()
+
+
+def _smooth_photo(size, seed: int = 0) -> Image.Image:
+    """A photo-like image without detail near the output's pixel pitch, so sub-pixel box shifts barely change it."""
+    return _photo((size[0] // 8, size[1] // 8), seed).resize(size, Image.BICUBIC)
+
+
+def test_reduced_decode_keeps_the_draws_and_the_output_resolution():
+    """A large JPEG decodes at a reduced size only when the crop keeps at least the output size; same boxes."""
+    data = _jpeg(_smooth_photo((480, 360), seed=1))
+    for seed in range(20):
+        reduced, full = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        image, box = decode_random_crop(data, reduced, (48, 48), scale=(0.08, 1.0))
+        full_image, full_box = decode_random_crop(data, full, (48, 48), scale=(0.08, 1.0), reduced_decode=False)
+        assert torch.equal(reduced.get_state(), full.get_state())  # the same draws, in the same order
+        factor = full_image.shape[1] // image.shape[1]
+        assert factor in (1, 2, 4, 8) and image.shape[:2] == (-(-360 // factor), -(-480 // factor))
+        assert box[2] >= 48 and box[3] >= 48  # never below the output resolution
+        assert factor == 1 or min(full_box[2], full_box[3]) >= 2 * 48
+        for edge, full_edge in zip(box, full_box):
+            assert abs(edge * factor - full_edge) <= factor  # edges within one decoded pixel
+        # The reduced-size decode of the box equals the full-size decode of the same (rounded) box within the JPEG's
+        # own error: the DCT does the downscaling the resize would do.
+        crop = crop_and_resize(image, box, (48, 48)).float()
+        same_box = crop_and_resize(full_image, tuple(factor * v for v in box), (48, 48)).float()
+        assert (crop - same_box).abs().mean() < 1.0
+        # Against the unrounded box: edges at most half a decoded pixel apart, so still the same crop here.
+        assert (crop - crop_and_resize(full_image, full_box, (48, 48)).float()).abs().mean() < 3.0
+
+
+def test_reduced_decode_batches_match_full_decode_batches():
+    config = tiny_config()
+    examples = [{"image": {"bytes": _jpeg(_smooth_photo((400, 300), seed)), "path": None}} for seed in range(4)]
+    examples.append({"image": {"bytes": _jpeg(_photo((400, 300)))[:3000], "path": None}})  # truncated: skipped
+
+    def batch(reduced_decode: bool):
+        collator = IJepaPretrainingCollator(
+            IJepaMaskCollator.from_config(config, seed=2),
+            default_image_processor(48),
+            output_uint8=True,
+            reduced_decode=reduced_decode,
+        )
+        collator.set_batch_index(4)
+        return collator(examples), collator.num_dropped
+
+    (reduced, reduced_dropped), (full, full_dropped) = batch(True), batch(False)
+    assert reduced_dropped == full_dropped == 1
+    assert torch.equal(reduced["context_indices"], full["context_indices"])
+    assert torch.equal(reduced["target_indices"], full["target_indices"])
+    difference = (reduced["pixel_values"].float() - full["pixel_values"].float()).abs()
+    assert 0 < difference.mean() < 3.0  # reduced-size decodes were used, and they give the same crops
+
+
+def test_decode_random_crop_leaves_the_generator_alone_for_bad_jpegs():
+    data = _jpeg(_photo((400, 300)))
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    assert decode_random_crop(data[:3000], generator, (48, 48)) is None  # the header reads, the body does not
+    assert decode_random_crop(b"\xff\xd8\xff garbage", generator, (48, 48)) is None
+    assert torch.equal(generator.get_state(), state)

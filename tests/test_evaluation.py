@@ -1,13 +1,13 @@
-"""Downstream evaluation: frozen average-pooled features, label subsets, k-NN, the offline metric and the three scripts.
+"""Downstream evaluation: frozen average-pooled features, label subsets, k-NN, the offline metric and the three
+scripts (end to end, and configured by a recipe file and flags).
 
 The scripts run end to end on a small part of the embedded digits with a tiny random encoder saved to a temporary
 directory, so this file stays fast on a 2-core CPU.
 """
 
-import importlib.util
 import json
+import re
 import socket
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +20,14 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, pi
 from transformers.models.ijepa import modeling_ijepa as vanilla
 
 from modeling_ijepa import IJepaForImageClassification, IJepaForPreTraining, IJepaModel
-from modeling_ijepa.data import default_image_processor, load_digits_dataset
-from modeling_ijepa.optimization import encoder_layer_id, layer_decay_parameter_groups
+from modeling_ijepa.cli import EvaluationDataArguments, EvaluationModelArguments
+from modeling_ijepa.data import (
+    default_image_processor,
+    load_classification_datasets,
+    load_digits_dataset,
+    sample_label_fraction,
+)
 from modeling_ijepa.evaluation import (
-    DataArguments,
     FrozenEncoderClassifier,
     LinearClassifierHead,
     extract_features,
@@ -31,19 +35,17 @@ from modeling_ijepa.evaluation import (
     knn_predict,
     load_accuracy,
     load_encoder,
-    sample_label_fraction,
 )
+from modeling_ijepa.optimization import encoder_layer_id, layer_decay_parameter_groups
+from training_scripts import finetune, knn_eval, linear_probe
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "training_scripts"
+
+SCRIPTS = {"linear_probe": linear_probe, "knn_eval": knn_eval, "finetune": finetune}
 SMALL_RUN = ["--max_train_samples", "200", "--max_eval_samples", "100"]
 
 
 def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return SCRIPTS[name]
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +143,10 @@ def test_linear_probe_without_feature_cache_leaves_encoder_weights_unchanged(che
 
 def test_linear_probe_on_cached_features_learns_the_digits(checkpoint_dir, tmp_path):
     metrics = load_script("linear_probe").main(
-        ["--model_name_or_path", str(checkpoint_dir), "--output_dir", str(tmp_path), "--num_train_epochs", "30", *SMALL_RUN]
+        [
+            "--model_name_or_path", str(checkpoint_dir), "--output_dir", str(tmp_path), "--num_train_epochs", "30",
+            *SMALL_RUN,
+        ]
     )
     print(f"\nlinear probe, tiny random encoder, 200 digits: accuracy {metrics['accuracy']:.3f}")
     assert metrics["num_train_samples"] == 200 and metrics["num_eval_samples"] == 100
@@ -172,7 +177,9 @@ def test_label_fraction_is_deterministic_per_seed_and_differs_across_seeds():
 @pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])
 def test_label_fraction_outside_zero_one_is_refused(fraction):
     with pytest.raises(ValueError, match="label_fraction"):
-        DataArguments(label_fraction=fraction)
+        EvaluationDataArguments(label_fraction=fraction)
+    with pytest.raises(ValueError, match="label_fraction"):
+        load_classification_datasets(label_fraction=fraction)
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         sample_label_fraction([0, 1], fraction)
 
@@ -288,9 +295,62 @@ def test_finetune_writes_a_loadable_classifier_with_model_card(checkpoint_dir, t
 
 
 @pytest.mark.parametrize("script", ["linear_probe", "knn_eval", "finetune"])
-def test_missing_model_path_names_the_fix(script, tmp_path):
-    with pytest.raises(ValueError, match="--model_name_or_path is required.*random:vit_micro_patch4_48"):
+def test_missing_model_path_names_the_fix(script, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         load_script(script).main(["--output_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert re.search("--model_name_or_path is required.*random:vit_micro_patch4_48", capsys.readouterr().err)
+    with pytest.raises(ValueError, match="--model_name_or_path is required.*random:vit_micro_patch4_48"):
+        EvaluationModelArguments()
+
+
+# One option of each script's own dataclass: (name, recipe value, flag value, parsed argument index).
+SCRIPT_OPTIONS = {
+    "linear_probe": ("feature_batch_size", 64, 32, 2),
+    "knn_eval": ("k", 5, 7, 2),
+    "finetune": ("layer_decay", 0.75, 0.5, 2),
+}
+
+
+@pytest.mark.parametrize("script", ["linear_probe", "knn_eval", "finetune"])
+def test_recipe_gives_defaults_and_flags_override_them(script, tmp_path):
+    name, recipe_value, flag_value, index = SCRIPT_OPTIONS[script]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model_name_or_path: random:vit_micro_patch4_48\nlabel_fraction: 0.5\nmax_eval_samples: 7\n"
+        f"{name}: {recipe_value}\noutput_dir: {tmp_path / 'from_recipe'}\n"
+    )
+    parsed = load_script(script).parse_args(
+        ["--config", str(recipe), "--label_fraction", "0.25", f"--{name}", str(flag_value)]
+    )
+    model_args, data_args = parsed[:2]
+    assert model_args.model_name_or_path == "random:vit_micro_patch4_48"
+    assert (data_args.label_fraction, data_args.max_eval_samples) == (0.25, 7)
+    assert getattr(parsed[index], name) == flag_value
+    assert parsed[-1].output_dir == str(tmp_path / "from_recipe")
+
+    # The single-file form (YAML or JSON) reads the same recipe, without overrides.
+    as_json = tmp_path / "recipe.json"
+    as_json.write_text(json.dumps({"model_name_or_path": "random:vit_micro_patch4_48", "label_fraction": 0.5,
+                                   name: recipe_value}))
+    for path in (recipe, as_json):
+        parsed = load_script(script).parse_args([str(path)])
+        assert parsed[1].label_fraction == 0.5 and getattr(parsed[index], name) == recipe_value
+
+
+@pytest.mark.parametrize("script", ["linear_probe", "knn_eval", "finetune"])
+def test_unknown_recipe_key_or_flag_fails_with_a_did_you_mean_hint(script, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model_name_or_path: random:vit_micro_patch4_48\nlabel_fractoin: 0.5\n")
+    with pytest.raises(SystemExit) as exit_info:
+        load_script(script).parse_args(["--config", str(recipe)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "--label_fractoin (did you mean --label_fraction?)" in error and str(recipe) in error
+
+    with pytest.raises(SystemExit):
+        load_script(script).parse_args(["--model_name_or_path", "random:vit_micro_patch4", "--max_eval_smaples", "3"])
+    assert "--max_eval_smaples (did you mean --max_eval_samples?)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("script", ["linear_probe", "knn_eval", "finetune"])

@@ -1,13 +1,10 @@
 """The verdict and the seed-subset summary of `benchmarks/learning_check.py`, on hand-made per-seed results."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import learning_check  # noqa: E402
+from benchmarks import learning_check
 
 
 def _row(seed: int, pretrained: float, random_init: float) -> dict:

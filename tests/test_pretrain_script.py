@@ -1,6 +1,5 @@
 """training_scripts/pretrain.py: recipes, flags, data sources (embedded, local, streamed, 2 processes), bad input."""
 
-import importlib.util
 import io
 import os
 import subprocess
@@ -15,20 +14,11 @@ from PIL import Image
 
 from modeling_ijepa import IJepaForPreTraining, IJepaModel
 from modeling_ijepa.data import load_digits_dataset, load_image_dataset, shard_for_process
+from training_scripts import pretrain
+
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training_scripts" / "pretrain.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("pretrain_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script is being executed
-    spec.loader.exec_module(module)
-    return module
-
-
-pretrain = _load_script()
 
 # The recipe's k-NN monitor runs every --eval_steps; keeping the best model needs --save_steps a multiple of it.
 FAST = [
@@ -119,6 +109,7 @@ def test_command_line_overrides_the_recipe(cpu_with_bf16):
     "argv, message",
     [
         (["--max_stepz", "3"], "did you mean --max_steps"),
+        (["--max_step", "3"], "did you mean --max_steps"),  # no abbreviations: every flag is exact
         (["--config", "no-such-recipe"], "Recipe 'no-such-recipe' not found"),
         (["--crop_scale_min", "0"], "--crop_scale_min"),
         (["--streaming", "--max_steps", "-1"], "set --max_steps"),

@@ -1,9 +1,7 @@
 """Pictures: the script writes every PNG from a pre-training folder, deterministically; the numbers tell trained
 features from random ones."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,21 +12,10 @@ from modeling_ijepa.data import ImageClassificationCollator, default_image_proce
 from modeling_ijepa.masking import mask_sampler_from_config
 from modeling_ijepa.output_layout import write_output_layout
 from modeling_ijepa.visualization import PcaBasis, patch_features, position_share, spatial_coherence
+from training_scripts import visualize
 
 from conftest import tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("visualize_script", ROOT / "training_scripts" / "visualize.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-visualize = _load_script()
 
 
 @pytest.fixture(scope="module")

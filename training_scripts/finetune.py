@@ -12,6 +12,10 @@ Embedded digits (no data arguments), random-init baseline:
 A pre-trained checkpoint, with layer-wise decay:
 
     python training_scripts/finetune.py --model_name_or_path outputs/pretrain --layer_decay 0.75
+
+Options also come from a YAML / JSON recipe, flags overriding it:
+
+    python training_scripts/finetune.py --config finetune.yaml --num_train_epochs 10
 """
 
 from __future__ import annotations
@@ -20,25 +24,23 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainingArguments, set_seed
 
-from modeling_ijepa.data import ImageClassificationCollator
+from modeling_ijepa.cli import EvaluationDataArguments, EvaluationModelArguments, RecipeArgumentParser
+from modeling_ijepa.data import ImageClassificationCollator, load_classification_datasets
 from modeling_ijepa.evaluation import (
-    DataArguments,
-    ModelArguments,
     StandardizedLinear,
     accuracy_metric_fn,
     classification_metrics,
     extract_features,
-    load_classification_datasets,
     load_image_processor,
-    parse_arguments,
     random_init_config,
     save_metrics,
     write_model_card,
 )
 from modeling_ijepa.modeling_ijepa import IJepaForImageClassification
 from modeling_ijepa.optimization import layer_decay_parameter_groups
+
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +104,7 @@ class LayerDecayTrainer(Trainer):
         return self.optimizer
 
 
-def load_classifier(model_args: ModelArguments, names: list[str], seed: int) -> IJepaForImageClassification:
+def load_classifier(model_args: EvaluationModelArguments, names: list[str], seed: int) -> IJepaForImageClassification:
     """A classifier for `names`: the checkpoint's encoder with a new head, or a random-init `random:<preset>`."""
     labels = dict(
         num_labels=len(names),
@@ -118,10 +120,21 @@ def load_classifier(model_args: ModelArguments, names: list[str], seed: int) -> 
     )
 
 
+def parse_args(
+    argv: list[str] | None = None,
+) -> tuple[EvaluationModelArguments, EvaluationDataArguments, FinetuneArguments, FinetuneTrainingArguments]:
+    """A recipe (`--config FILE`, or a single .yaml / .json argument) gives the defaults; flags override them."""
+    parser = RecipeArgumentParser(
+        (EvaluationModelArguments, EvaluationDataArguments, FinetuneArguments, FinetuneTrainingArguments),
+        prog="finetune.py",
+        description=__doc__,
+    )
+    return parser.parse(argv)[:4]
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Fine-tune and evaluate; returns the metrics (`accuracy` in [0, 1], ...), also written to `output_dir`."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, FinetuneArguments, FinetuneTrainingArguments))
-    model_args, data_args, finetune_args, training_args = parse_arguments(parser, argv)
+    model_args, data_args, finetune_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(training_args.seed)
 
@@ -131,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         config = AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
     train_dataset, eval_dataset, names = load_classification_datasets(
-        data_args, seed=training_args.seed, image_size=config.image_size
+        **data_args.dataset_kwargs(), seed=training_args.seed, image_size=config.image_size
     )
     model = load_classifier(model_args, names, training_args.seed)
     image_processor = load_image_processor(model_args.model_name_or_path, model.config, model_args.cache_dir)
@@ -164,13 +177,25 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.data_collator = ImageClassificationCollator(image_processor, augment=False)
     evaluation = trainer.evaluate()
 
-    metrics = classification_metrics(evaluation, train_result, train_dataset, eval_dataset, names, data_args, model_args)
+    metrics = classification_metrics(
+        evaluation,
+        train_result,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        class_names=names,
+        label_fraction=data_args.label_fraction,
+        model_name_or_path=model_args.model_name_or_path,
+    )
     if isinstance(model.classifier, StandardizedLinear):
         model.classifier = model.classifier.fold()  # exact: same logits, vanilla `classifier` weights
     trainer.save_model()
     image_processor.save_pretrained(training_args.output_dir)
     save_metrics(training_args.output_dir, "finetune", metrics)
     data_source = data_args.dataset_name or data_args.train_dir or "the embedded scikit-learn digits (48 px)"
+    schedule = getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
+    augmentation = "none"
+    if finetune_args.augment:
+        augmentation = "random-resized crop" + (" + flip" if finetune_args.horizontal_flip else "")
     write_model_card(
         training_args.output_dir,
         base_model=model_args.model_name_or_path,
@@ -183,9 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
         training_summary=(
             f"Full fine-tuning with `transformers.Trainer`: {training_args.num_train_epochs:g} epochs, batch size "
             f"{training_args.per_device_train_batch_size}, AdamW learning rate {training_args.learning_rate:g} "
-            f"({getattr(training_args.lr_scheduler_type, 'value', training_args.lr_scheduler_type)} schedule), weight decay {training_args.weight_decay:g}, layer-wise "
-            f"LR decay {finetune_args.layer_decay or 'none'}, augmentation "
-            f"{'random-resized crop' + (' + flip' if finetune_args.horizontal_flip else '') if finetune_args.augment else 'none'}."
+            f"({schedule} schedule), weight decay {training_args.weight_decay:g}, layer-wise LR decay "
+            f"{finetune_args.layer_decay or 'none'}, augmentation {augmentation}."
         ),
     )
     print(f"fine-tuning accuracy: {metrics['accuracy']:.4f} ({len(train_dataset)} training / "

@@ -7,6 +7,10 @@ the neighbours vote with weight `exp(similarity / temperature)` (the weighted k-
 Embedded digits (no data arguments), random-init baseline:
 
     python training_scripts/knn_eval.py --model_name_or_path random:vit_micro_patch4_48
+
+Options also come from a YAML / JSON recipe, flags overriding it:
+
+    python training_scripts/knn_eval.py --config knn.yaml --k 10
 """
 
 from __future__ import annotations
@@ -15,19 +19,12 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-from transformers import HfArgumentParser, set_seed
+from transformers import set_seed
 
-from modeling_ijepa.evaluation import (
-    DataArguments,
-    ModelArguments,
-    extract_features,
-    freeze,
-    knn_accuracy,
-    load_classification_datasets,
-    load_encoder,
-    parse_arguments,
-    save_metrics,
-)
+from modeling_ijepa.cli import EvaluationDataArguments, EvaluationModelArguments, RecipeArgumentParser
+from modeling_ijepa.data import load_classification_datasets
+from modeling_ijepa.evaluation import extract_features, freeze, knn_accuracy, load_encoder, save_metrics
+
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +49,19 @@ class KnnArguments:
             raise ValueError(f"--temperature must be positive, got {self.temperature}; use --majority_vote instead.")
 
 
+def parse_args(
+    argv: list[str] | None = None,
+) -> tuple[EvaluationModelArguments, EvaluationDataArguments, KnnArguments]:
+    """A recipe (`--config FILE`, or a single .yaml / .json argument) gives the defaults; flags override them."""
+    parser = RecipeArgumentParser(
+        (EvaluationModelArguments, EvaluationDataArguments, KnnArguments), prog="knn_eval.py", description=__doc__
+    )
+    return parser.parse(argv)[:3]
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the k-NN evaluation; returns the metrics (`accuracy` in [0, 1], ...), also written to `output_dir`."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, KnnArguments))
-    model_args, data_args, knn_args = parse_arguments(parser, argv)
+    model_args, data_args, knn_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(knn_args.seed)
     device = torch.device(knn_args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -63,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     encoder, image_processor = load_encoder(model_args.model_name_or_path, knn_args.seed, model_args.cache_dir)
     freeze(encoder).to(device)
     train_dataset, eval_dataset, names = load_classification_datasets(
-        data_args, seed=knn_args.seed, image_size=encoder.config.image_size
+        **data_args.dataset_kwargs(), seed=knn_args.seed, image_size=encoder.config.image_size
     )
     extract = dict(batch_size=knn_args.batch_size, num_workers=knn_args.dataloader_num_workers, device=device)
     train_features, train_labels = extract_features(encoder, train_dataset, image_processor, **extract)

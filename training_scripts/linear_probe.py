@@ -8,10 +8,10 @@ Embedded digits (no data arguments), random-init baseline:
 
     python training_scripts/linear_probe.py --model_name_or_path random:vit_micro_patch4_48
 
-A pre-trained checkpoint on 1 % of the labels, or any option from a JSON / YAML file:
+A pre-trained checkpoint on 1 % of the labels; options from a YAML / JSON recipe, flags overriding it:
 
     python training_scripts/linear_probe.py --model_name_or_path outputs/pretrain --label_fraction 0.01
-    python training_scripts/linear_probe.py probe.yaml
+    python training_scripts/linear_probe.py --config probe.yaml --learning_rate 0.05
 """
 
 from __future__ import annotations
@@ -20,24 +20,21 @@ import logging
 from dataclasses import dataclass, field
 
 import datasets
-import torch
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainingArguments, set_seed
 
-from modeling_ijepa.data import ImageClassificationCollator
+from modeling_ijepa.cli import EvaluationDataArguments, EvaluationModelArguments, RecipeArgumentParser
+from modeling_ijepa.data import ImageClassificationCollator, load_classification_datasets
 from modeling_ijepa.evaluation import (
-    DataArguments,
     FrozenEncoderClassifier,
     LinearClassifierHead,
-    ModelArguments,
     accuracy_metric_fn,
     classification_metrics,
     extract_features,
     freeze,
-    load_classification_datasets,
     load_encoder,
-    parse_arguments,
     save_metrics,
 )
+
 
 logger = logging.getLogger(__name__)
 
@@ -76,17 +73,28 @@ class LinearProbeTrainingArguments(TrainingArguments):
     disable_tqdm: bool | None = field(default=True, metadata={"help": "Hide progress bars."})
 
 
+def parse_args(
+    argv: list[str] | None = None,
+) -> tuple[EvaluationModelArguments, EvaluationDataArguments, ProbeArguments, LinearProbeTrainingArguments]:
+    """A recipe (`--config FILE`, or a single .yaml / .json argument) gives the defaults; flags override them."""
+    parser = RecipeArgumentParser(
+        (EvaluationModelArguments, EvaluationDataArguments, ProbeArguments, LinearProbeTrainingArguments),
+        prog="linear_probe.py",
+        description=__doc__,
+    )
+    return parser.parse(argv)[:4]
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the probe; returns the metrics (`accuracy` in [0, 1], ...), also written to `output_dir`."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, ProbeArguments, LinearProbeTrainingArguments))
-    model_args, data_args, probe_args, training_args = parse_arguments(parser, argv)
+    model_args, data_args, probe_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(training_args.seed)
 
     encoder, image_processor = load_encoder(model_args.model_name_or_path, training_args.seed, model_args.cache_dir)
     freeze(encoder).to(training_args.device)
     train_dataset, eval_dataset, names = load_classification_datasets(
-        data_args, seed=training_args.seed, image_size=encoder.config.image_size
+        **data_args.dataset_kwargs(), seed=training_args.seed, image_size=encoder.config.image_size
     )
     head = LinearClassifierHead(encoder.config.hidden_size, len(names), batch_norm=probe_args.head_batchnorm)
 
@@ -96,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
                 encoder, dataset, image_processor, probe_args.feature_batch_size,
                 training_args.dataloader_num_workers, training_args.device,
             )
-            return datasets.Dataset.from_dict({"features": features.numpy(), "labels": labels.numpy()}).with_format("torch")
+            columns = {"features": features.numpy(), "labels": labels.numpy()}
+            return datasets.Dataset.from_dict(columns).with_format("torch")
 
         model, train_dataset, eval_dataset, data_collator = head, cached(train_dataset), cached(eval_dataset), None
     else:
@@ -116,7 +125,15 @@ def main(argv: list[str] | None = None) -> dict:
     evaluation = trainer.evaluate()
     trainer.save_model()
 
-    metrics = classification_metrics(evaluation, train_result, train_dataset, eval_dataset, names, data_args, model_args)
+    metrics = classification_metrics(
+        evaluation,
+        train_result,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        class_names=names,
+        label_fraction=data_args.label_fraction,
+        model_name_or_path=model_args.model_name_or_path,
+    )
     save_metrics(training_args.output_dir, "linear_probe", metrics)
     print(f"linear probe accuracy: {metrics['accuracy']:.4f} ({len(train_dataset)} training / "
           f"{len(eval_dataset)} evaluation images, {len(names)} classes)")

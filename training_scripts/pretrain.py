@@ -85,12 +85,23 @@ class ModelArguments:
         default=None, metadata={"help": "A context keeps more patches than this (the official min_keep, 10)."}
     )
     allow_overlap: bool | None = field(default=None, metadata={"help": "Keep target patches in the context."})
+    mask_placement: str | None = field(
+        default=None,
+        metadata={"help": "Multiblock block corners: 'official' (never the last row/column) or 'uniform' (anywhere)."},
+    )
+    context_truncation: str | None = field(
+        default=None,
+        metadata={
+            "help": "Multiblock contexts of a batch: 'first' (official: cut to the shortest, first patches kept), "
+            "'random' (cut to the shortest, random subset kept) or 'none' (kept whole, padded, masked in attention)."
+        },
+    )
 
     def mask_overrides(self) -> dict:
         """The mask settings given on the command line or in the recipe, as `IJepaConfig` fields."""
         names = (
             "mask_strategy", "num_target_blocks", "target_scale", "target_aspect_ratio", "context_scale",
-            "context_aspect_ratio", "min_context_patches", "allow_overlap",
+            "context_aspect_ratio", "min_context_patches", "allow_overlap", "mask_placement", "context_truncation",
         )
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 

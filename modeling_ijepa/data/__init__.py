@@ -7,7 +7,9 @@
 - `images.py`: decoding (libjpeg-turbo through `simplejpeg`, PIL for the rest), random-resized-crop boxes, crop +
   resize, the default image processor and the pixel normalisation;
 - `collators.py`: the pre-training and image-classification collators, on a shared base that skips and counts
-  undecodable images.
+  undecodable images;
+- `labelled.py`: labelled training / evaluation splits, class names and class-balanced label subsets for evaluation
+  and fine-tuning.
 
 Every public name is importable from `modeling_ijepa.data`.
 """
@@ -18,10 +20,12 @@ from .images import (
     crop_and_resize,
     decode_image,
     decode_image_array,
+    decode_random_crop,
     default_image_processor,
     random_resized_crop,
     random_resized_crop_box,
 )
+from .labelled import class_names, load_classification_datasets, sample_label_fraction
 from .sources import (
     DIGITS_TEST_SIZE,
     IMAGE_COLUMN_CANDIDATES,
@@ -46,10 +50,14 @@ __all__ = [
     "shard_for_process",
     "decode_image",
     "decode_image_array",
+    "decode_random_crop",
     "random_resized_crop",
     "random_resized_crop_box",
     "crop_and_resize",
     "PixelNormalizer",
     "IJepaPretrainingCollator",
     "ImageClassificationCollator",
+    "load_classification_datasets",
+    "class_names",
+    "sample_label_fraction",
 ]

@@ -155,6 +155,74 @@ def random_resized_crop_box(
     return (width - crop_width) // 2, (height - crop_height) // 2, crop_width, crop_height
 
 
+_DCT_REDUCTIONS = (8, 4, 2)  # libjpeg-turbo's SIMD-accelerated reduced-size decodes
+
+
+def _reduced_box(
+    box: tuple[int, int, int, int], width: int, height: int, size: tuple[int, int]
+) -> tuple[int, tuple[int, int, int, int]]:
+    """
+    The largest reduction `factor` in 8, 4, 2 (else 1) at which the crop `box` of a `width` x `height` image still
+    covers at least `size` = `(height, width)` pixels, and the box in the pixels of the image decoded at `1 / factor`
+    (edges rounded to the nearest decoded pixel).
+    """
+    left, top, crop_width, crop_height = box
+    for factor in _DCT_REDUCTIONS:
+        reduced_width, reduced_height = math.ceil(width / factor), math.ceil(height / factor)
+        x0, x1 = (min(int(math.floor(x / factor + 0.5)), reduced_width) for x in (left, left + crop_width))
+        y0, y1 = (min(int(math.floor(y / factor + 0.5)), reduced_height) for y in (top, top + crop_height))
+        if x1 - x0 >= size[1] and y1 - y0 >= size[0]:
+            return factor, (x0, y0, x1 - x0, y1 - y0)
+    return 1, box
+
+
+def decode_random_crop(
+    value,
+    generator: torch.Generator,
+    size: tuple[int, int],
+    scale: Sequence[float] = (0.3, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    reduced_decode: bool = True,
+) -> tuple[np.ndarray, tuple[int, int, int, int]] | None:
+    """
+    Decode one image (anything `decode_image_array` accepts) and draw its RandomResizedCrop box with
+    `random_resized_crop_box(width, height, generator, scale, ratio)`: the same draws, in the same order, as decoding
+    first and drawing on the decoded size.
+
+    With `reduced_decode`, a JPEG that libjpeg-turbo reads is decoded at 1/2, 1/4 or 1/8 of its size (a reduced-size
+    DCT, much cheaper than a full decode) whenever the crop, at that size, still has at least `size` =
+    `(height, width)` pixels, so no resolution is lost: only crops at least twice the output size on each side
+    qualify. The box is then mapped to the decoded pixels, its edges rounded to the nearest one: they move by at most
+    half a decoded pixel, which is at most half a pixel of the output. Images that do not qualify decode at full size,
+    exactly as without `reduced_decode`.
+
+    Returns:
+        `(image, box)`: the RGB `uint8` array `(height, width, 3)` and the box `(left, top, crop_width, crop_height)`
+        in its pixels, for `crop_and_resize`; or `None` for undecodable data, with `generator` left as it was.
+    """
+    data = _read_bytes(value)
+    if reduced_decode and data is not None and simplejpeg.is_jpeg(data):
+        state = generator.get_state()
+        try:
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+            if colorspace in ("YCbCr", "Gray"):
+                box = random_resized_crop_box(width, height, generator, scale=scale, ratio=ratio)
+                factor, reduced = _reduced_box(box, width, height, size)
+                if factor == 1:
+                    return simplejpeg.decode_jpeg(data, colorspace="RGB"), box
+                expected = (math.ceil(height / factor), math.ceil(width / factor))
+                image = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=expected[0], min_width=expected[1])
+                if image.shape[:2] == expected:
+                    return image, reduced
+        except ValueError:
+            pass  # strict libjpeg-turbo refused it: the path below decides, with the generator as it was
+        generator.set_state(state)
+    image = decode_image_array(value if data is None else data)
+    if image is None:
+        return None
+    return image, random_resized_crop_box(image.shape[1], image.shape[0], generator, scale=scale, ratio=ratio)
+
+
 def random_resized_crop(
     image: Image.Image,
     size: tuple[int, int],

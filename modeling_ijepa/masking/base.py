@@ -8,7 +8,9 @@ A masking strategy is a [`MaskSampler`] subclass in its own file of this package
 - `from_config(config, seed)`: build the sampler from an [`IJepaConfig`] (its patch grid and mask fields);
 - `sample_masks(batch_size, generator)`: draw one batch of masks from `generator` and return
   `context_indices` `(batch_size, num_context)` and `target_indices` `(batch_size, num_target_blocks, num_target)`,
-  sorted flattened patch indices (context and targets disjoint unless the strategy allows overlap).
+  sorted flattened patch indices (context and targets disjoint unless the strategy allows overlap). A strategy that
+  keeps contexts of different lengths pads the shorter rows at their end with `CONTEXT_PADDING_INDEX` (-1);
+  `IJepaForPreTraining` then masks those slots out of attention (see `IJepaConfig.context_truncation`).
 
 The base class gives every strategy the same seeding (masks depend only on `(seed, global batch index)`, whatever the
 number of DataLoader workers, so a resumed run draws the masks of an uninterrupted one) and the collator interface
@@ -21,6 +23,10 @@ from collections.abc import Sequence
 
 import torch
 from torch.utils.data import default_collate, get_worker_info
+
+
+# Fills the end of a `context_indices` row that is shorter than the batch's longest (full-context batches).
+CONTEXT_PADDING_INDEX = -1
 
 
 def pair(value: int | Sequence[int]) -> tuple[int, int]:
@@ -152,4 +158,4 @@ class MaskSampler:
         return batch
 
 
-__all__ = ["MaskSampler", "check_mask_ranges", "check_mask_settings", "pair"]
+__all__ = ["CONTEXT_PADDING_INDEX", "MaskSampler", "check_mask_ranges", "check_mask_settings", "pair"]

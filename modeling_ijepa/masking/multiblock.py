@@ -5,6 +5,13 @@
 Per batch, one target-block size and one context-block size are drawn; per image, `num_target_blocks` target blocks and
 one context block are placed at random, the target patches are removed from the context, and every index list is cut to
 the shortest one in the batch so that the tensors stack.
+
+Two choices of the authors' code are options here (the official behaviour stays the default):
+- `mask_placement="uniform"`: block corners drawn in `[0, rows - height]` inclusive, so blocks can touch the last row
+  and column (the official `randint(0, H - h)` never reaches them);
+- `context_truncation="random"`: contexts cut to the batch's shortest keep a random subset of their patches instead of
+  the first ones in row-major order (which favour the top of the image); `"none"`: no cut at all, shorter contexts are
+  padded with `CONTEXT_PADDING_INDEX` and the model masks the padding out of attention.
 """
 
 from __future__ import annotations
@@ -15,12 +22,29 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import MaskSampler, check_mask_settings, pair
+from .base import CONTEXT_PADDING_INDEX, MaskSampler, check_mask_settings, pair
 
 
 # After this many consecutive invalid context draws, one fewer target block constrains the context (official rule).
 _DRAWS_PER_RELAXATION = 20
 _MAX_RELAXATIONS_BEFORE_ERROR = 1000
+
+MASK_PLACEMENTS = ("official", "uniform")
+CONTEXT_TRUNCATIONS = ("first", "random", "none")
+
+
+def check_multiblock_options(mask_placement: str, context_truncation: str) -> None:
+    """Raise `ValueError` naming the accepted values for an unknown block placement or context truncation."""
+    if mask_placement not in MASK_PLACEMENTS:
+        raise ValueError(
+            f"mask_placement={mask_placement!r} is not one of {list(MASK_PLACEMENTS)}: 'official' never places a "
+            "block on the last row or column (the authors' code), 'uniform' places blocks anywhere."
+        )
+    if context_truncation not in CONTEXT_TRUNCATIONS:
+        raise ValueError(
+            f"context_truncation={context_truncation!r} is not one of {list(CONTEXT_TRUNCATIONS)}: 'first' (official) "
+            "and 'random' cut contexts to the batch's shortest, 'none' pads them to the longest."
+        )
 
 
 class MultiBlockMaskSampler(MaskSampler):
@@ -34,11 +58,17 @@ class MultiBlockMaskSampler(MaskSampler):
         context_scale / context_aspect_ratio: the same for the context block.
         min_context_patches: a context (and a target block) must keep more patches than this (official `min_keep`).
         allow_overlap: keep target patches in the context (off in I-JEPA).
+        mask_placement: `"official"` (corners in `[0, rows - height)`, as the authors' code) or `"uniform"` (corners in
+            `[0, rows - height]`: blocks may touch the last row and column).
+        context_truncation: `"first"` (official: every context cut to the batch's shortest, keeping its first patches
+            in row-major order), `"random"` (cut to the same length, keeping a random subset) or `"none"` (every
+            context whole; shorter rows padded at their end with `CONTEXT_PADDING_INDEX`).
         seed: masks depend only on `(seed, batch index)`, whatever the number of DataLoader workers.
 
     Calling it on a list of examples (dicts with `pixel_values` `(num_channels, height, width)` and optionally other
     keys, e.g. `labels`) returns those keys collated, plus:
-        - `context_indices`: LongTensor `(batch_size, num_context)`, sorted flattened patch indices of the context;
+        - `context_indices`: LongTensor `(batch_size, num_context)`, sorted flattened patch indices of the context
+          (with `context_truncation="none"`, `num_context` is the longest context and shorter rows end in padding);
         - `target_indices`: LongTensor `(batch_size, num_target_blocks, num_target)`, sorted indices of each block.
     """
 
@@ -53,6 +83,8 @@ class MultiBlockMaskSampler(MaskSampler):
         context_aspect_ratio: Sequence[float] = (1.0, 1.0),
         min_context_patches: int = 10,
         allow_overlap: bool = False,
+        mask_placement: str = "official",
+        context_truncation: str = "first",
         seed: int = 0,
     ):
         image_height, image_width = pair(image_size)
@@ -79,6 +111,9 @@ class MultiBlockMaskSampler(MaskSampler):
         self.context_aspect_ratio = tuple(float(v) for v in context_aspect_ratio)
         self.min_context_patches = int(min_context_patches)
         self.allow_overlap = bool(allow_overlap)
+        check_multiblock_options(mask_placement, context_truncation)
+        self.mask_placement = mask_placement
+        self.context_truncation = context_truncation
 
     @classmethod
     def from_config(cls, config, seed: int = 0) -> MultiBlockMaskSampler:
@@ -87,7 +122,11 @@ class MultiBlockMaskSampler(MaskSampler):
             "image_size", "patch_size", "num_target_blocks", "target_scale", "target_aspect_ratio", "context_scale",
             "context_aspect_ratio", "min_context_patches", "allow_overlap",
         )
-        return cls(**{name: getattr(config, name) for name in names}, seed=seed)
+        options = {
+            "mask_placement": getattr(config, "mask_placement", "official"),
+            "context_truncation": getattr(config, "context_truncation", "first"),
+        }
+        return cls(**{name: getattr(config, name) for name in names}, **options, seed=seed)
 
     # -- sampling ---------------------------------------------------------------------------------------------------
     def _sample_block_size(
@@ -113,9 +152,11 @@ class MultiBlockMaskSampler(MaskSampler):
 
     def _random_corners(self, generator: torch.Generator, shape: tuple[int, ...], height: int, width: int):
         rows, columns = self.grid_size
-        # Exclusive upper bound `rows - height`, as the official `torch.randint(0, H - h, ...)`.
-        tops = torch.randint(0, rows - height, shape, generator=generator)
-        lefts = torch.randint(0, columns - width, shape, generator=generator)
+        # Official: exclusive upper bound `rows - height`, as `torch.randint(0, H - h, ...)`, so the last row and
+        # column are never covered; uniform: every position of the block on the grid.
+        reach = int(self.mask_placement == "uniform")
+        tops = torch.randint(0, rows - height + reach, shape, generator=generator)
+        lefts = torch.randint(0, columns - width + reach, shape, generator=generator)
         return tops, lefts
 
     def sample_masks(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +165,7 @@ class MultiBlockMaskSampler(MaskSampler):
 
         Returns:
             `context_indices` `(batch_size, num_context)` and `target_indices`
-            `(batch_size, num_target_blocks, num_target)`, both sorted per row.
+            `(batch_size, num_target_blocks, num_target)`, both sorted per row (padding, if any, at the end of a row).
         """
         rows, columns = self.grid_size
         target_height, target_width = self._sample_block_size(generator, self.target_scale, self.target_aspect_ratio)
@@ -146,12 +187,24 @@ class MultiBlockMaskSampler(MaskSampler):
         target_masks = self._block_masks(target_tops, target_lefts, target_height, target_width)
 
         context_masks = self._sample_context(generator, batch_size, target_masks, context_height, context_width)
-        context_masks = context_masks.flatten(1)
+        return self._context_indices(context_masks.flatten(1), generator), target_indices
+
+    def _context_indices(self, context_masks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """`(batch, num_patches)` boolean context masks -> `(batch, num_context)` sorted indices, cut or padded."""
         counts = context_masks.sum(dim=1)
-        # Stable sort puts each row's kept patches first, in increasing index order; keep the batch's shortest count.
+        if self.context_truncation == "random":
+            # Random priorities for context patches, above-any priority for the others: the first `shortest` of the
+            # sort are a uniform random subset of the row's context.
+            priorities = torch.rand(context_masks.shape, generator=generator).masked_fill(~context_masks, 2.0)
+            kept = torch.argsort(priorities, dim=1)[:, : int(counts.min())]
+            return kept.sort(dim=1).values
+        # Stable sort puts each row's context patches first, in increasing index order.
         order = torch.argsort((~context_masks).to(torch.uint8), dim=1, stable=True)
-        context_indices = order[:, : int(counts.min())]
-        return context_indices, target_indices
+        if self.context_truncation == "first":
+            return order[:, : int(counts.min())]
+        context_indices = order[:, : int(counts.max())]
+        padding = torch.arange(context_indices.size(1)) >= counts.unsqueeze(1)
+        return context_indices.masked_fill(padding, CONTEXT_PADDING_INDEX)
 
     def _sample_context(
         self,
@@ -199,4 +252,6 @@ class MultiBlockMaskSampler(MaskSampler):
 # The name this sampler had before masking strategies were pluggable; kept for existing code.
 IJepaMaskCollator = MultiBlockMaskSampler
 
-__all__ = ["MultiBlockMaskSampler", "IJepaMaskCollator"]
+__all__ = [
+    "CONTEXT_TRUNCATIONS", "MASK_PLACEMENTS", "MultiBlockMaskSampler", "IJepaMaskCollator", "check_multiblock_options"
+]

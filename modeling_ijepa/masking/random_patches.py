@@ -59,6 +59,13 @@ class RandomPatchMaskSampler(MaskSampler):
 
     @classmethod
     def from_config(cls, config, seed: int = 0) -> RandomPatchMaskSampler:
+        options = (getattr(config, "mask_placement", "official"), getattr(config, "context_truncation", "first"))
+        if options != ("official", "first"):
+            raise ValueError(
+                f"mask_placement / context_truncation {options} are options of the 'multiblock' strategy; random "
+                "contexts all have the same length: leave them at 'official' / 'first' or use "
+                "mask_strategy='multiblock'."
+            )
         names = ("image_size", "patch_size", "num_target_blocks", "target_scale", "context_scale", "min_context_patches")
         return cls(**{name: getattr(config, name) for name in names}, seed=seed)
 

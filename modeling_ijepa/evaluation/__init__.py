@@ -1,0 +1,57 @@
+# Copyright 2026 The ijepa-hf Authors. All rights reserved.
+# Licensed under the Apache License, Version 2.0.
+"""Downstream evaluation of I-JEPA encoders, one job per module:
+
+- `features.py`: loading an encoder (a checkpoint, a hub id, or `random:<preset>` for a random-init baseline) with its
+  image processor, freezing it, and [`extract_features`], the one average-pooled feature extractor;
+- `heads.py`: the linear-probe head, a frozen encoder feeding a head, and fine-tuning's standardised head;
+- `knn.py`: weighted / majority-vote k-nearest-neighbour classification by cosine similarity;
+- `reporting.py`: the offline accuracy metric, the metrics of a run, the results file and the model card.
+
+Labelled data (splits, class names, label fractions) lives in `modeling_ijepa.data`; layer-wise learning-rate decay in
+`modeling_ijepa.optimization`. The scripts in `training_scripts/` (linear_probe, knn_eval, finetune) parse their
+options and call these functions with plain keyword arguments. Every public name is importable from
+`modeling_ijepa.evaluation`.
+"""
+
+from .features import (
+    RANDOM_MODEL_PREFIX,
+    extract_features,
+    freeze,
+    load_encoder,
+    load_image_processor,
+    pool_features,
+    random_init_config,
+)
+from .heads import FrozenEncoderClassifier, LinearClassifierHead, StandardizedLinear
+from .knn import knn_accuracy, knn_predict
+from .reporting import (
+    ACCURACY_METRIC_DIR,
+    accuracy_metric_fn,
+    classification_metrics,
+    load_accuracy,
+    save_metrics,
+    write_model_card,
+)
+
+
+__all__ = [
+    "RANDOM_MODEL_PREFIX",
+    "random_init_config",
+    "load_image_processor",
+    "load_encoder",
+    "freeze",
+    "pool_features",
+    "extract_features",
+    "StandardizedLinear",
+    "LinearClassifierHead",
+    "FrozenEncoderClassifier",
+    "knn_predict",
+    "knn_accuracy",
+    "ACCURACY_METRIC_DIR",
+    "load_accuracy",
+    "accuracy_metric_fn",
+    "classification_metrics",
+    "write_model_card",
+    "save_metrics",
+]
