@@ -1,11 +1,13 @@
 """Frozen evaluation as the papers do it: pooled features of the last k layers, and a learning-rate x weight-decay grid
-of linear heads trained together and chosen on a validation split carved from the training data.
+of linear heads trained together and chosen on a validation split carved from the training data; and fine-tuning's
+head-only first stage (LP-FT), which trains its head with the same loop.
 
 Tiny encoders and a few hundred embedded digits (or random features) keep this file to a few seconds on a 2-core CPU.
 """
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from modeling_ijepa.data import ImageClassificationCollator, default_image_proce
 from modeling_ijepa.evaluation import (
     FrozenEncoderClassifier,
     LinearClassifierHead,
+    StandardizedLinear,
     encode_pooled,
     extract_features,
     head_accuracies,
@@ -29,7 +32,7 @@ from modeling_ijepa.evaluation import (
     train_linear_heads,
     validation_split,
 )
-from training_scripts import knn_eval, linear_probe
+from training_scripts import finetune, knn_eval, linear_probe
 
 
 SMALL_RUN = ["--max_train_samples", "200", "--max_eval_samples", "100"]
@@ -251,3 +254,23 @@ def test_probe_script_refuses_inconsistent_grid_options_at_start(flags, message,
         linear_probe.main(["--model_name_or_path", "random:vit_micro_patch4_48", "--output_dir", str(tmp_path),
                            *flags])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fine-tuning's head-only stage (LP-FT)
+
+
+def test_head_only_stage_fits_the_standardised_head_on_frozen_features():
+    features, labels = separable_features(count=120)
+    features = 0.8 + 0.01 * features  # pooled I-JEPA features: a large common part, a small spread
+    head = StandardizedLinear(torch.nn.Linear(8, 3), features.mean(0), features.std(0))
+    args = finetune.FinetuneArguments(probe_head_epochs=100, probe_head_learning_rate=0.1)
+    finetune.train_head_on_frozen_features(head, features, labels, 3, args, SimpleNamespace(seed=0))
+    with torch.no_grad():
+        accuracy = (head(features).argmax(dim=1) == labels).float().mean()
+    assert accuracy > 0.9
+
+
+def test_head_only_stage_needs_the_standardised_head():
+    with pytest.raises(ValueError, match="--standardize_features true"):
+        finetune.FinetuneArguments(probe_head_epochs=10, standardize_features=False)
