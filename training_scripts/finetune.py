@@ -36,6 +36,7 @@ from modeling_ijepa.evaluation import (
     load_image_processor,
     random_init_config,
     save_metrics,
+    train_linear_heads,
     write_model_card,
 )
 from modeling_ijepa.modeling_ijepa import IJepaForImageClassification
@@ -65,6 +66,24 @@ class FinetuneArguments:
         metadata={"help": "Train the head on pooled features standardised with training-set statistics (folded into "
                   "the saved linear head, so the checkpoint keeps the vanilla layout)."},
     )
+    probe_head_epochs: float = field(
+        default=0.0,
+        metadata={"help": "LP-FT (Kumar et al. 2022): first train the head alone for this many epochs on the frozen "
+                  "encoder's cached, standardised pooled features (AdamW, batch 256, cosine), so that fine-tuning "
+                  "starts from a trained head rather than a random one; 0: start from a random head."},
+    )
+    probe_head_learning_rate: float = field(
+        default=0.1, metadata={"help": "Learning rate of the head-only stage (--probe_head_epochs)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.probe_head_epochs < 0:
+            raise ValueError(f"--probe_head_epochs must be >= 0, got {self.probe_head_epochs}.")
+        if self.probe_head_epochs > 0 and not self.standardize_features:
+            raise ValueError(
+                "--probe_head_epochs trains the head on the standardised features: keep --standardize_features true, "
+                "or set --probe_head_epochs 0."
+            )
 
 
 @dataclass
@@ -120,6 +139,26 @@ def load_classifier(model_args: EvaluationModelArguments, names: list[str], seed
     )
 
 
+@torch.no_grad()
+def train_head_on_frozen_features(
+    head: StandardizedLinear, features: torch.Tensor, labels: torch.Tensor, num_labels: int, finetune_args,
+    training_args,
+) -> None:
+    """
+    LP-FT's first stage: fit `head.linear` on the frozen pooled `features` `(num_train, hidden_size)`, standardised as
+    `head` standardises them, with the linear probe's loop ([`train_linear_heads`]: AdamW, batch 256, warm-up and
+    cosine, no weight decay); the weights are copied into `head` in place.
+    """
+    standardized = (features.to(head.mean.device) - head.mean) * head.scale
+    with torch.enable_grad():
+        trained = train_linear_heads(
+            standardized, labels, [finetune_args.probe_head_learning_rate], [0.0], num_labels,
+            num_epochs=finetune_args.probe_head_epochs, batch_size=256, batch_norm=False, seed=training_args.seed,
+        )
+    head.linear.weight.copy_(trained.weights[0])
+    head.linear.bias.copy_(trained.biases[0])
+
+
 def parse_args(
     argv: list[str] | None = None,
 ) -> tuple[EvaluationModelArguments, EvaluationDataArguments, FinetuneArguments, FinetuneTrainingArguments]:
@@ -150,8 +189,10 @@ def main(argv: list[str] | None = None) -> dict:
     image_processor = load_image_processor(model_args.model_name_or_path, model.config, model_args.cache_dir)
 
     if finetune_args.standardize_features:
-        features, _ = extract_features(model.ijepa, train_dataset, image_processor, 128, 0, training_args.device)
+        features, labels = extract_features(model.ijepa, train_dataset, image_processor, 128, 0, training_args.device)
         model.classifier = StandardizedLinear(model.classifier, features.mean(dim=0), features.std(dim=0))
+        if finetune_args.probe_head_epochs > 0:
+            train_head_on_frozen_features(model.classifier, features, labels, len(names), finetune_args, training_args)
 
     trainer_kwargs = dict(
         model=model,
@@ -209,7 +250,9 @@ def main(argv: list[str] | None = None) -> dict:
             f"Full fine-tuning with `transformers.Trainer`: {training_args.num_train_epochs:g} epochs, batch size "
             f"{training_args.per_device_train_batch_size}, AdamW learning rate {training_args.learning_rate:g} "
             f"({schedule} schedule), weight decay {training_args.weight_decay:g}, layer-wise LR decay "
-            f"{finetune_args.layer_decay or 'none'}, augmentation {augmentation}."
+            f"{finetune_args.layer_decay or 'none'}, augmentation {augmentation}"
+            + (f"; the head first trained alone for {finetune_args.probe_head_epochs:g} epochs on the frozen "
+               f"features (LP-FT)." if finetune_args.probe_head_epochs else ".")
         ),
     )
     print(f"fine-tuning accuracy: {metrics['accuracy']:.4f} ({len(train_dataset)} training / "

@@ -1,4 +1,6 @@
-"""k-nearest-neighbour evaluation of a frozen I-JEPA encoder on average-pooled last-layer features.
+"""k-nearest-neighbour evaluation of a frozen I-JEPA encoder on average-pooled features of the last layer, or of the
+last k layers concatenated (`--pooled_layers k`; each layer through the encoder's final LayerNorm, as DINOv2's
+`n_last_blocks`).
 
 Each evaluation image takes the `k` training images with the most similar features (cosine similarity). By default
 the neighbours vote with weight `exp(similarity / temperature)` (the weighted k-NN of Wu et al. 2018, used by DINO);
@@ -11,6 +13,8 @@ Embedded digits (no data arguments), random-init baseline:
 Options also come from a YAML / JSON recipe, flags overriding it:
 
     python training_scripts/knn_eval.py --config knn.yaml --k 10
+
+DINO's settings on the last 4 layers: `--k 20 --temperature 0.07 --pooled_layers 4`.
 """
 
 from __future__ import annotations
@@ -37,6 +41,11 @@ class KnnArguments:
     k: int = field(default=20, metadata={"help": "Number of neighbours."})
     temperature: float = field(default=0.07, metadata={"help": "Temperature of the exp(similarity / T) vote weights."})
     majority_vote: bool = field(default=False, metadata={"help": "One vote per neighbour instead of weighted votes."})
+    pooled_layers: int = field(
+        default=1,
+        metadata={"help": "Average-pool the last k layers and concatenate them (each through the final LayerNorm); "
+                  "1: the last layer only."},
+    )
     batch_size: int = field(default=128, metadata={"help": "Batch size of the feature extraction."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "Image decoding worker processes."})
     seed: int = field(default=42, metadata={"help": "Seed of the random-init encoder and the label subset."})
@@ -47,6 +56,8 @@ class KnnArguments:
             raise ValueError(f"--k must be at least 1, got {self.k}.")
         if self.temperature <= 0:
             raise ValueError(f"--temperature must be positive, got {self.temperature}; use --majority_vote instead.")
+        if self.pooled_layers < 1:
+            raise ValueError(f"--pooled_layers must be at least 1, got {self.pooled_layers}.")
 
 
 def parse_args(
@@ -71,7 +82,10 @@ def main(argv: list[str] | None = None) -> dict:
     train_dataset, eval_dataset, names = load_classification_datasets(
         **data_args.dataset_kwargs(), seed=knn_args.seed, image_size=encoder.config.image_size
     )
-    extract = dict(batch_size=knn_args.batch_size, num_workers=knn_args.dataloader_num_workers, device=device)
+    extract = dict(
+        batch_size=knn_args.batch_size, num_workers=knn_args.dataloader_num_workers, device=device,
+        pooled_layers=knn_args.pooled_layers,
+    )
     train_features, train_labels = extract_features(encoder, train_dataset, image_processor, **extract)
     eval_features, eval_labels = extract_features(encoder, eval_dataset, image_processor, **extract)
 
@@ -81,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
         "accuracy": accuracy,
         "k": knn_args.k,
         "temperature": temperature,
+        "pooled_layers": knn_args.pooled_layers,
         "num_train_samples": len(train_labels),
         "num_eval_samples": len(eval_labels),
         "num_classes": len(names),

@@ -1,8 +1,18 @@
-"""Linear probe of a frozen I-JEPA encoder: a linear classifier on average-pooled last-layer features.
+"""Linear probe of a frozen I-JEPA encoder: a linear classifier on average-pooled features of the last layer, or of the
+last k layers concatenated (`--pooled_layers k`; each layer through the encoder's final LayerNorm, as DINOv2's
+`n_last_blocks`).
 
 The encoder is frozen (eval mode, no gradients). By default its features are computed once, without gradients, and
-the head is trained with `transformers.Trainer` on those cached features; `--cache_features false` runs the frozen
-encoder inside every training step instead.
+one head (`--learning_rate`, `--weight_decay`) is trained with `transformers.Trainer` on those cached features;
+`--cache_features false` runs the frozen encoder inside every training step instead.
+
+With `--grid_learning_rates` and `--grid_weight_decays`, the probe searches as papers' frozen evaluations do: a
+seeded, class-balanced `--validation_fraction` of the training images is held out, one head per (learning rate, weight
+decay) pair trains on the rest, all together in one loop over the cached features, and the pair with the best
+validation accuracy is chosen (the evaluation split never enters the choice). A head with the chosen values is then
+retrained on the whole training split (the same loop, one head) and evaluated. The chosen values, the validation
+score of every pair and the evaluation accuracy go to `linear_probe_results.json`. The grid uses the same epochs,
+batch size and schedule flags as the single head; its gradients are not clipped (`--max_grad_norm` is not used).
 
 Embedded digits (no data arguments), random-init baseline:
 
@@ -12,14 +22,22 @@ A pre-trained checkpoint on 1 % of the labels; options from a YAML / JSON recipe
 
     python training_scripts/linear_probe.py --model_name_or_path outputs/pretrain --label_fraction 0.01
     python training_scripts/linear_probe.py --config probe.yaml --learning_rate 0.05
+
+The papers' protocol: a learning-rate x weight-decay grid chosen on a held-out tenth of the training images, on the
+concatenated average-pooled features of the last 4 layers:
+
+    python training_scripts/linear_probe.py --model_name_or_path outputs/pretrain --pooled_layers 4 \
+        --grid_learning_rates 0.001 0.003 0.01 0.03 0.1 --grid_weight_decays 0 0.0001 0.001 --validation_fraction 0.1
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import datasets
+from safetensors.torch import save_file
 from transformers import Trainer, TrainingArguments, set_seed
 
 from modeling_ijepa.cli import EvaluationDataArguments, EvaluationModelArguments, RecipeArgumentParser
@@ -28,11 +46,15 @@ from modeling_ijepa.evaluation import (
     FrozenEncoderClassifier,
     LinearClassifierHead,
     accuracy_metric_fn,
+    check_pooled_layers,
     classification_metrics,
     extract_features,
     freeze,
+    head_accuracies,
     load_encoder,
     save_metrics,
+    search_linear_heads,
+    train_linear_heads,
 )
 
 
@@ -53,6 +75,40 @@ class ProbeArguments:
         metadata={"help": "Standardise the features with a non-affine BatchNorm before the linear layer (as MAE)."},
     )
     feature_batch_size: int = field(default=128, metadata={"help": "Batch size of the feature extraction."})
+    pooled_layers: int = field(
+        default=1,
+        metadata={"help": "Average-pool the last k layers and concatenate them (each through the final LayerNorm); "
+                  "1: the last layer only."},
+    )
+    grid_learning_rates: list[float] | None = field(
+        default=None,
+        metadata={"help": "Learning rates of the head grid, e.g. 0.001 0.01 0.1 (with --grid_weight_decays); unset: "
+                  "one head at --learning_rate."},
+    )
+    grid_weight_decays: list[float] | None = field(
+        default=None,
+        metadata={"help": "Weight decays of the head grid, e.g. 0 0.0001 0.001 (with --grid_learning_rates)."},
+    )
+    validation_fraction: float = field(
+        default=0.1,
+        metadata={"help": "With a grid: the class-balanced, seeded fraction of the training images held out to choose "
+                  "the head."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.pooled_layers < 1:
+            raise ValueError(f"--pooled_layers must be at least 1, got {self.pooled_layers}.")
+        if (self.grid_learning_rates is None) != (self.grid_weight_decays is None):
+            raise ValueError(
+                "Pass both --grid_learning_rates and --grid_weight_decays for a grid (e.g. --grid_weight_decays 0 for "
+                "learning rates only), or neither for one head."
+            )
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ValueError(f"--validation_fraction must be in (0, 1), got {self.validation_fraction}.")
+
+    @property
+    def grid(self) -> bool:
+        return self.grid_learning_rates is not None
 
 
 @dataclass
@@ -82,34 +138,33 @@ def parse_args(
         prog="linear_probe.py",
         description=__doc__,
     )
-    return parser.parse(argv)[:4]
+    model_args, data_args, probe_args, training_args = parser.parse(argv)[:4]
+    if probe_args.grid and not probe_args.cache_features:
+        parser.error("the head grid trains on cached features: drop --cache_features false, or train one head.")
+    if probe_args.grid and training_args.max_steps > 0:
+        parser.error("the head grid trains for --num_train_epochs: drop --max_steps, or train one head.")
+    return model_args, data_args, probe_args, training_args
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run the probe; returns the metrics (`accuracy` in [0, 1], ...), also written to `output_dir`."""
-    model_args, data_args, probe_args, training_args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    set_seed(training_args.seed)
-
-    encoder, image_processor = load_encoder(model_args.model_name_or_path, training_args.seed, model_args.cache_dir)
-    freeze(encoder).to(training_args.device)
-    train_dataset, eval_dataset, names = load_classification_datasets(
-        **data_args.dataset_kwargs(), seed=training_args.seed, image_size=encoder.config.image_size
-    )
-    head = LinearClassifierHead(encoder.config.hidden_size, len(names), batch_norm=probe_args.head_batchnorm)
+def single_head_probe(
+    encoder, image_processor, train_dataset, eval_dataset, names, model_args, data_args, probe_args, training_args
+) -> dict:
+    """One head at `--learning_rate` / `--weight_decay`, trained with `transformers.Trainer`; returns its metrics."""
+    num_features = probe_args.pooled_layers * encoder.config.hidden_size
+    head = LinearClassifierHead(num_features, len(names), batch_norm=probe_args.head_batchnorm)
 
     if probe_args.cache_features:
         def cached(dataset) -> datasets.Dataset:
             features, labels = extract_features(
                 encoder, dataset, image_processor, probe_args.feature_batch_size,
-                training_args.dataloader_num_workers, training_args.device,
+                training_args.dataloader_num_workers, training_args.device, probe_args.pooled_layers,
             )
             columns = {"features": features.numpy(), "labels": labels.numpy()}
             return datasets.Dataset.from_dict(columns).with_format("torch")
 
         model, train_dataset, eval_dataset, data_collator = head, cached(train_dataset), cached(eval_dataset), None
     else:
-        model = FrozenEncoderClassifier(encoder, head)
+        model = FrozenEncoderClassifier(encoder, head, probe_args.pooled_layers)
         data_collator = ImageClassificationCollator(image_processor, augment=False)
         training_args.remove_unused_columns = False
 
@@ -124,8 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_result = trainer.train()
     evaluation = trainer.evaluate()
     trainer.save_model()
-
-    metrics = classification_metrics(
+    return classification_metrics(
         evaluation,
         train_result,
         train_dataset=train_dataset,
@@ -134,9 +188,82 @@ def main(argv: list[str] | None = None) -> dict:
         label_fraction=data_args.label_fraction,
         model_name_or_path=model_args.model_name_or_path,
     )
+
+
+def grid_probe(encoder, image_processor, train_dataset, eval_dataset, names, probe_args, training_args) -> dict:
+    """
+    Choose the head's learning rate and weight decay on a validation split of the training features, retrain it on
+    all of them, evaluate it; returns the metrics beyond the data description.
+    """
+    extract = dict(
+        batch_size=probe_args.feature_batch_size, num_workers=training_args.dataloader_num_workers,
+        device=training_args.device, pooled_layers=probe_args.pooled_layers,
+    )
+    train_features, train_labels = extract_features(encoder, train_dataset, image_processor, **extract)
+    eval_features, eval_labels = extract_features(encoder, eval_dataset, image_processor, **extract)
+    training = dict(
+        num_epochs=training_args.num_train_epochs,
+        batch_size=training_args.per_device_train_batch_size,
+        warmup_steps=training_args.warmup_steps,
+        lr_scheduler_type=getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type),
+        batch_norm=probe_args.head_batchnorm,
+        device=training_args.device,
+    )
+    search = search_linear_heads(
+        train_features, train_labels, probe_args.grid_learning_rates, probe_args.grid_weight_decays, len(names),
+        validation_fraction=probe_args.validation_fraction, seed=training_args.seed, **training,
+    )
+    # The chosen values, retrained on every training image: the held-out part chose them, now it trains too.
+    final = train_linear_heads(
+        train_features, train_labels, [search.learning_rate], [search.weight_decay], len(names),
+        seed=training_args.seed, **training,
+    )
+    accuracy, loss = head_accuracies(final, eval_features, eval_labels)
+    save_file(final.head(0).state_dict(), str(Path(training_args.output_dir) / "model.safetensors"))
+    print(
+        f"head grid: chose learning rate {search.learning_rate:g}, weight decay {search.weight_decay:g} (validation "
+        f"accuracy {search.validation_accuracy:.4f} on {len(search.validation_indices)} held-out training images, "
+        f"{len(search.grid)} heads); retrained on all {len(train_labels)} training images"
+    )
+    return {
+        "accuracy": float(accuracy[0]),
+        "eval_loss": float(loss[0]),
+        "learning_rate": search.learning_rate,
+        "weight_decay": search.weight_decay,
+        "head_search": search.to_dict(),
+        "num_train_samples": len(train_labels),
+        "num_eval_samples": len(eval_labels),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the probe; returns the metrics (`accuracy` in [0, 1], ...), also written to `output_dir`."""
+    model_args, data_args, probe_args, training_args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(training_args.seed)
+
+    encoder, image_processor = load_encoder(model_args.model_name_or_path, training_args.seed, model_args.cache_dir)
+    freeze(encoder).to(training_args.device)
+    check_pooled_layers(probe_args.pooled_layers, encoder.config.num_hidden_layers)
+    train_dataset, eval_dataset, names = load_classification_datasets(
+        **data_args.dataset_kwargs(), seed=training_args.seed, image_size=encoder.config.image_size
+    )
+    described = dict(
+        num_classes=len(names),
+        label_fraction=data_args.label_fraction,
+        model_name_or_path=model_args.model_name_or_path,
+        pooled_layers=probe_args.pooled_layers,
+    )
+    if probe_args.grid:
+        Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
+        metrics = {**grid_probe(encoder, image_processor, train_dataset, eval_dataset, names, probe_args,
+                                training_args), **described}
+    else:
+        metrics = {**single_head_probe(encoder, image_processor, train_dataset, eval_dataset, names, model_args,
+                                       data_args, probe_args, training_args), **described}
     save_metrics(training_args.output_dir, "linear_probe", metrics)
-    print(f"linear probe accuracy: {metrics['accuracy']:.4f} ({len(train_dataset)} training / "
-          f"{len(eval_dataset)} evaluation images, {len(names)} classes)")
+    print(f"linear probe accuracy: {metrics['accuracy']:.4f} ({metrics['num_train_samples']} training / "
+          f"{metrics['num_eval_samples']} evaluation images, {len(names)} classes)")
     return metrics
 
 

@@ -3,8 +3,11 @@
 """Downstream evaluation of I-JEPA encoders, one job per module:
 
 - `features.py`: loading an encoder (a checkpoint, a hub id, or `random:<preset>` for a random-init baseline) with its
-  image processor, freezing it, and [`extract_features`], the one average-pooled feature extractor;
+  image processor, freezing it, and [`extract_features`], the one feature extractor (average-pooled features of the
+  last layer, or of the last `k` layers concatenated);
 - `heads.py`: the linear-probe head, a frozen encoder feeding a head, and fine-tuning's standardised head;
+- `linear_grid.py`: a learning-rate x weight-decay grid of linear heads trained together on cached features, chosen
+  on a validation split carved from the training data;
 - `knn.py`: weighted / majority-vote k-nearest-neighbour classification by cosine similarity;
 - `reporting.py`: the offline accuracy metric, the metrics of a run, the results file and the model card.
 
@@ -16,6 +19,8 @@ options and call these functions with plain keyword arguments. Every public name
 
 from .features import (
     RANDOM_MODEL_PREFIX,
+    check_pooled_layers,
+    encode_pooled,
     extract_features,
     freeze,
     load_encoder,
@@ -25,6 +30,14 @@ from .features import (
 )
 from .heads import FrozenEncoderClassifier, LinearClassifierHead, StandardizedLinear
 from .knn import knn_accuracy, knn_predict
+from .linear_grid import (
+    HeadSearchResult,
+    LinearHeadGrid,
+    head_accuracies,
+    search_linear_heads,
+    train_linear_heads,
+    validation_split,
+)
 from .reporting import (
     ACCURACY_METRIC_DIR,
     accuracy_metric_fn,
@@ -42,10 +55,18 @@ __all__ = [
     "load_encoder",
     "freeze",
     "pool_features",
+    "check_pooled_layers",
+    "encode_pooled",
     "extract_features",
     "StandardizedLinear",
     "LinearClassifierHead",
     "FrozenEncoderClassifier",
+    "LinearHeadGrid",
+    "train_linear_heads",
+    "head_accuracies",
+    "validation_split",
+    "HeadSearchResult",
+    "search_linear_heads",
     "knn_predict",
     "knn_accuracy",
     "ACCURACY_METRIC_DIR",

@@ -4,8 +4,9 @@
 
 An encoder is a checkpoint directory or hub id (ours, vanilla transformers' IJepa, or a pre-training checkpoint,
 evaluated through its EMA target encoder), or `random:<preset>` for a random-init baseline. [`extract_features`] is
-the one feature extractor: average-pooled last-layer features, I-JEPA's evaluation protocol, used by the linear probe,
-the k-NN evaluation, fine-tuning's head statistics and the benchmarks.
+the one feature extractor, used by the linear probe, the k-NN evaluation, fine-tuning's head statistics and the
+benchmarks: average-pooled features of the last layer (I-JEPA's evaluation protocol) or of the last `k` layers,
+concatenated ([`encode_pooled`]).
 """
 
 from __future__ import annotations
@@ -85,6 +86,47 @@ def pool_features(last_hidden_state: torch.Tensor) -> torch.Tensor:
     return last_hidden_state.mean(dim=1)
 
 
+def check_pooled_layers(pooled_layers: int, num_hidden_layers: int) -> None:
+    """Refuse a `pooled_layers` the encoder cannot give: it must be in `[1, num_hidden_layers]`."""
+    if isinstance(pooled_layers, bool) or not isinstance(pooled_layers, int):
+        raise TypeError(f"pooled_layers must be an int (the number of last layers to pool), got {pooled_layers!r}.")
+    if not 1 <= pooled_layers <= num_hidden_layers:
+        raise ValueError(
+            f"pooled_layers must be between 1 and the encoder's {num_hidden_layers} layers, got {pooled_layers}: "
+            "pass --pooled_layers 1 for the last layer, or a larger value up to the encoder's depth."
+        )
+
+
+def encode_pooled(encoder: nn.Module, pixel_values: torch.Tensor, pooled_layers: int = 1) -> torch.Tensor:
+    """
+    Average-pooled features of the last `pooled_layers` layers of `encoder`, concatenated.
+
+    `pooled_layers=1` is the mean over patch tokens of `last_hidden_state` (the last layer after the encoder's final
+    LayerNorm), exactly as before this option existed. With `k > 1`, each of the last `k` layer outputs is normalised
+    by the same final LayerNorm (`encoder.layernorm`, the normalisation the last layer gets), average-pooled, and the
+    `k` vectors are concatenated from the earliest layer to the last, as DINOv2's linear evaluation does with
+    `n_last_blocks` (`get_intermediate_layers(..., norm=True)`). Only the `k` layers asked for are kept during the
+    forward pass.
+
+    Args:
+        encoder: an I-JEPA encoder (ours or vanilla transformers' `IJepaModel`) with `config.num_hidden_layers`.
+        pixel_values: `(batch_size, num_channels, height, width)`.
+        pooled_layers: `k`, in `[1, config.num_hidden_layers]`.
+
+    Returns:
+        `(batch_size, pooled_layers * hidden_size)`.
+    """
+    check_pooled_layers(pooled_layers, encoder.config.num_hidden_layers)
+    if pooled_layers == 1:
+        return pool_features(encoder(pixel_values=pixel_values).last_hidden_state)
+    # `hidden_states[i]` is the output of layer i (0: the embeddings), before the final LayerNorm; the last one is
+    # taken from `last_hidden_state`, which has that LayerNorm already.
+    earlier = list(range(-pooled_layers, -1))
+    output = encoder(pixel_values=pixel_values, output_hidden_states=earlier)
+    layers = [encoder.layernorm(output.hidden_states[index]) for index in earlier] + [output.last_hidden_state]
+    return torch.cat([pool_features(layer) for layer in layers], dim=-1)
+
+
 @torch.no_grad()
 def extract_features(
     encoder: nn.Module,
@@ -93,17 +135,20 @@ def extract_features(
     batch_size: int = 128,
     num_workers: int = 0,
     device: torch.device | str | None = None,
+    pooled_layers: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
-    Average-pooled last-layer features of every image of `dataset` (columns `image`, `label`), without gradients.
+    Average-pooled features ([`encode_pooled`]) of every image of `dataset` (columns `image`, `label`), without
+    gradients: the last layer's by default, the last `pooled_layers` layers' concatenated otherwise.
 
     The encoder runs in eval mode (its previous mode is restored afterwards) on `device`, by default the device of
     its parameters; images are only resized and normalised by `image_processor`, never augmented.
 
     Returns:
-        `features` `(num_images, hidden_size)` float32 and `labels` `(num_images,)` int64 on the CPU. Undecodable
-        images are skipped (with their labels).
+        `features` `(num_images, pooled_layers * hidden_size)` float32 and `labels` `(num_images,)` int64 on the
+        CPU. Undecodable images are skipped (with their labels).
     """
+    check_pooled_layers(pooled_layers, encoder.config.num_hidden_layers)
     device = torch.device(device or next(encoder.parameters()).device)
     was_training = encoder.training
     encoder.eval()
@@ -111,8 +156,8 @@ def extract_features(
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator, num_workers=num_workers)
     features, labels = [], []
     for batch in loader:
-        output = encoder(pixel_values=batch["pixel_values"].to(device))
-        features.append(pool_features(output.last_hidden_state).float().cpu())
+        pooled = encode_pooled(encoder, batch["pixel_values"].to(device), pooled_layers)
+        features.append(pooled.float().cpu())
         labels.append(batch["labels"])
     encoder.train(was_training)
     return torch.cat(features), torch.cat(labels).long()
@@ -120,6 +165,8 @@ def extract_features(
 
 __all__ = [
     "RANDOM_MODEL_PREFIX",
+    "check_pooled_layers",
+    "encode_pooled",
     "extract_features",
     "freeze",
     "load_encoder",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .features import freeze, pool_features
+from .features import check_pooled_layers, encode_pooled, freeze
 
 
 class StandardizedLinear(nn.Module):
@@ -70,16 +70,19 @@ class LinearClassifierHead(nn.Module):
 
 class FrozenEncoderClassifier(nn.Module):
     """
-    A frozen encoder (always in eval mode, no gradients) feeding a trainable head on its average-pooled features, for
-    probing without cached features (e.g. with augmentation).
+    A frozen encoder (always in eval mode, no gradients) feeding a trainable head on its average-pooled features (of
+    the last `pooled_layers` layers, concatenated: see [`encode_pooled`]), for probing without cached features (e.g.
+    with augmentation).
 
     `forward(pixel_values (batch, 3, height, width), labels (batch,) optional)` returns the head's output.
     """
 
-    def __init__(self, encoder: nn.Module, head: nn.Module):
+    def __init__(self, encoder: nn.Module, head: nn.Module, pooled_layers: int = 1):
         super().__init__()
+        check_pooled_layers(pooled_layers, encoder.config.num_hidden_layers)
         self.encoder = freeze(encoder)
         self.head = head
+        self.pooled_layers = pooled_layers
 
     def train(self, mode: bool = True) -> FrozenEncoderClassifier:
         super().train(mode)
@@ -88,7 +91,7 @@ class FrozenEncoderClassifier(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            features = pool_features(self.encoder(pixel_values=pixel_values).last_hidden_state)
+            features = encode_pooled(self.encoder, pixel_values, self.pooled_layers)
         return self.head(features, labels)
 
 
