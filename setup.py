@@ -6,10 +6,14 @@ The `configuration/` data folder (model presets, training recipes, accelerate co
 
 from setuptools import setup
 
+
 setup(
     name="ijepa-hf",
     version="0.1.0",
-    description="I-JEPA (Assran et al., CVPR 2023) for the Hugging Face ecosystem: models, masking, pre-training and evaluation.",
+    description=(
+        "I-JEPA (Assran et al., CVPR 2023) for the Hugging Face ecosystem: models, masking, pre-training and "
+        "evaluation."
+    ),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
@@ -43,5 +47,6 @@ setup(
         "tqdm",
         "scikit-learn>=1.3",
     ],
-    extras_require={"dev": ["pytest>=8", "scikit-learn>=1.3"]},
+    # ruff is pinned: its rules and formatting change between releases, and CI lints with it.
+    extras_require={"dev": ["pytest>=8", "scikit-learn>=1.3", "ruff==0.17.6"]},
 )

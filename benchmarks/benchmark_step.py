@@ -388,7 +388,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--batch_size", type=int, default=None, help="images per step (default 16 on CPU, 128 on CUDA)"
     )
     parser.add_argument(
-        "--steps", type=int, default=4,
+        "--steps",
+        type=int,
+        default=4,
         help="timed rounds; a round times every implementation and dtype once, back to back (medians shown)",
     )
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing, per dtype")
@@ -402,7 +404,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile our model (compilation is in warm-up)")
     parser.add_argument("--collator_seconds", type=float, default=2.0, help="time spent on each mask collator")
     parser.add_argument(
-        "--peak_size", type=int, default=None,
+        "--peak_size",
+        type=int,
+        default=None,
         help="side of the square matmul that measures the peak FLOP/s around each step (default 4096 CUDA, 1024 CPU)",
     )
     parser.add_argument("--seed", type=int, default=0)

@@ -182,8 +182,19 @@ def launch(mode: str, steps: int, out: Path, port: int, timeout: float) -> tuple
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **MODES[mode])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD_SIZE), "--master_port", str(port),
-        str(Path(__file__).resolve()), "--worker", "--output_dir", str(out), "--steps", str(steps),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(WORLD_SIZE),
+        "--master_port",
+        str(port),
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--output_dir",
+        str(out),
+        "--steps",
+        str(steps),
     ]
     try:
         done = subprocess.run(
@@ -204,7 +215,7 @@ def _error_summary(log: str, lines: int = 25) -> str:
     if starts:
         end = next((i for i in range(starts[0] + 1, len(text)) if text[i] and not text[i].startswith(" ")), None)
         end = len(text) - 1 if end is None else end
-        return "\n".join(text[max(starts[0], end - lines): end + 1])
+        return "\n".join(text[max(starts[0], end - lines) : end + 1])
     return "\n".join(text[-lines:])
 
 
@@ -248,19 +259,27 @@ def main(argv: list[str] | None = None) -> int:
             if reason:
                 failures.append(f"{mode}, process {report['rank']}: {reason}")
             weights = compiled.get("max_weight_difference")
-            rows.append([
-                mode,
-                str(report["rank"]),
-                compiled["distributed_mode"],
-                " ".join(f"{loss:.6f}" for loss in compiled["losses"]),
-                f"{worst:.1e}",
-                "-" if weights is None else f"{weights:.1e}",
-                f"{eager['seconds']:.1f} / {compiled['seconds']:.1f} ({compiled['graphs']} graphs)",
-                "FAIL" if reason else "ok",
-            ])
+            rows.append(
+                [
+                    mode,
+                    str(report["rank"]),
+                    compiled["distributed_mode"],
+                    " ".join(f"{loss:.6f}" for loss in compiled["losses"]),
+                    f"{worst:.1e}",
+                    "-" if weights is None else f"{weights:.1e}",
+                    f"{eager['seconds']:.1f} / {compiled['seconds']:.1f} ({compiled['graphs']} graphs)",
+                    "FAIL" if reason else "ok",
+                ]
+            )
     header = [
-        "mode", "process", "distributed mode (compiled run)", "compiled losses", "max |loss diff|",
-        "max |weight diff|", "train s eager / compiled", "",
+        "mode",
+        "process",
+        "distributed mode (compiled run)",
+        "compiled losses",
+        "max |loss diff|",
+        "max |weight diff|",
+        "train s eager / compiled",
+        "",
     ]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))

@@ -51,8 +51,17 @@ def finetune_accuracy(finetune, model: str, seed: int, output_dir: Path, config:
     reuses it instead of fine-tuning again (`"reused": true`).
     """
     argv = [
-        "--config", config, "--model_name_or_path", model, "--seed", str(seed), "--output_dir", str(output_dir),
-        "--report_to", "none", *extra,
+        "--config",
+        config,
+        "--model_name_or_path",
+        model,
+        "--seed",
+        str(seed),
+        "--output_dir",
+        str(output_dir),
+        "--report_to",
+        "none",
+        *extra,
     ]
     record = output_dir / RUN_RECORD
     if record.is_file():
@@ -93,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", default="outputs/finetune_check")
     parser.add_argument("--preset", default="vit_micro_patch4_48", help="Architecture of the default recipe.")
     parser.add_argument(
-        "--pretrained", nargs="+", metavar="DIR",
+        "--pretrained",
+        nargs="+",
+        metavar="DIR",
         help="Reuse these pre-trained encoders (one per seed, in the order of --seeds) instead of pre-training.",
     )
     parser.add_argument("--finetune_config", default="finetune-digits", help="Fine-tuning recipe (name or file).")
@@ -102,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--pretrain_args", default="", help="Extra pretrain.py flags, one quoted string.")
     parser.add_argument(
-        "--arms", nargs="+", choices=["pretrained", "random"], default=["pretrained", "random"],
+        "--arms",
+        nargs="+",
+        choices=["pretrained", "random"],
+        default=["pretrained", "random"],
         help="Fine-tune only these starting points (no verdict unless both): to spread the runs over processes, "
         "then combine them with a full check, which reuses the recorded runs.",
     )
@@ -124,8 +138,15 @@ def main(argv: list[str] | None = None) -> int:
             encoder_dir = None
         else:
             encoder_dir = pretrain.main(
-                ["--seed", str(seed), "--output_dir", str(run_dir / "pretrain"), "--disable_tqdm", "true",
-                 *args.pretrain_args]
+                [
+                    "--seed",
+                    str(seed),
+                    "--output_dir",
+                    str(run_dir / "pretrain"),
+                    "--disable_tqdm",
+                    "true",
+                    *args.pretrain_args,
+                ]
             )
         pretrain_minutes = (time.monotonic() - start) / 60
         tune = dict(seed=seed, config=args.finetune_config, extra=args.finetune_args)
@@ -149,8 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{verdict['spread']:.1f} points -> {'PASS' if verdict['pass'] else 'FAIL'}"
     )
     base.mkdir(parents=True, exist_ok=True)
-    results = {"runs": rows, "verdict": verdict, "finetune_config": args.finetune_config,
-               "finetune_args": args.finetune_args}
+    results = {
+        "runs": rows,
+        "verdict": verdict,
+        "finetune_config": args.finetune_config,
+        "finetune_args": args.finetune_args,
+    }
     (base / "finetune_check.json").write_text(json.dumps(results, indent=2))
     (base / "finetune_check.md").write_text("\n".join(lines) + "\n")
     return 0 if verdict["pass"] else 1

@@ -20,6 +20,7 @@ import torch
 
 from modeling_ijepa import IJepaConfig, IJepaForPreTraining
 
+
 # (preset, overrides): the predictor depth of the official recipes (ViT-g/16: 16 layers, configuration/recipes).
 MODELS = [
     ("vit_base_patch16_224", {}),

@@ -32,10 +32,24 @@ MONITOR_OFF = ["--eval_strategy", "no", "--load_best_model_at_end", "false"]
 def run(name: str, output_dir: Path, extra: list[str]) -> dict:
     """Launch one pre-training run; returns its wall time, `train_runtime` and the monitor's evaluation times."""
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "training_scripts" / "pretrain.py"),
-        "--output_dir", str(output_dir), "--disable_tqdm", "true",
-        *(MONITOR_OFF if name == "off" else []), *extra,
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "training_scripts" / "pretrain.py"),
+        "--output_dir",
+        str(output_dir),
+        "--disable_tqdm",
+        "true",
+        *(MONITOR_OFF if name == "off" else []),
+        *extra,
     ]
     shutil.rmtree(output_dir, ignore_errors=True)  # a fresh run, never a resumed one
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))

@@ -97,9 +97,7 @@ def seed_subset_summary(rows: list[dict], subset_size: int = 3) -> dict[str, dic
         pretrained = [r["pretrained"][metric] for r in rows]
         random_init = [r["random"][metric] for r in rows]
         gain, _ = gain_and_spread(pretrained, random_init)
-        standard_error = math.sqrt(
-            (statistics.variance(pretrained) + statistics.variance(random_init)) / len(rows)
-        )
+        standard_error = math.sqrt((statistics.variance(pretrained) + statistics.variance(random_init)) / len(rows))
         summary[metric] = {
             "passing_subsets": sum(verdicts[metric]["pass"] for verdicts in subset_verdicts),
             "subsets": len(subset_verdicts),
@@ -140,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", default="outputs/learning_check")
     parser.add_argument("--preset", default="vit_micro_patch4_48", help="Architecture of the default recipe.")
     parser.add_argument(
-        "--combine", nargs="+", metavar="JSON",
+        "--combine",
+        nargs="+",
+        metavar="JSON",
         help="Run nothing: merge these learning_check.json files and count the seed subsets that pass.",
     )
     parser.add_argument("--subset_size", type=int, default=3, help="Seeds per subset with --combine.")
@@ -157,14 +157,19 @@ def main(argv: list[str] | None = None) -> int:
         start = time.monotonic()
         run_dir = base / f"seed{seed}"
         encoder_dir = pretrain.main(
-            ["--seed", str(seed), "--output_dir", str(run_dir / "pretrain"), "--disable_tqdm", "true",
-             *args.pretrain_args]
+            [
+                "--seed",
+                str(seed),
+                "--output_dir",
+                str(run_dir / "pretrain"),
+                "--disable_tqdm",
+                "true",
+                *args.pretrain_args,
+            ]
         )
         pretrain_minutes = (time.monotonic() - start) / 60
         pretrained = evaluate_encoder(encoder_dir, seed, run_dir / "eval-pretrained", linear_probe, knn_eval)
-        random_init = evaluate_encoder(
-            f"random:{args.preset}", seed, run_dir / "eval-random", linear_probe, knn_eval
-        )
+        random_init = evaluate_encoder(f"random:{args.preset}", seed, run_dir / "eval-random", linear_probe, knn_eval)
         rows.append(
             {"seed": seed, "pretrain_minutes": pretrain_minutes, "pretrained": pretrained, "random": random_init}
         )

@@ -189,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--options", nargs="+", choices=OPTION_NAMES, default=list(OPTION_NAMES))
     parser.add_argument("--max_steps", type=int, default=300, help="Pre-training steps (the default recipe: 300).")
     parser.add_argument(
-        "--eval_steps", type=int, nargs="+",
+        "--eval_steps",
+        type=int,
+        nargs="+",
         help="Steps whose checkpoints are k-NN evaluated (default: every 300 steps of a longer run, else the end).",
     )
     parser.add_argument("--output_dir", default="outputs/learning_options")
@@ -216,18 +218,39 @@ def main(argv: list[str] | None = None) -> int:
         for name, overrides in options.items():
             run_dir = base / f"seed{seed}" / name
             start = time.monotonic()
-            encoder_dir = pretrain.main([
-                "--seed", str(seed), "--output_dir", str(run_dir / "pretrain"), "--disable_tqdm", "true",
-                "--max_steps", str(args.max_steps), "--save_steps", str(save_every), "--save_total_limit", "1000",
-                *(["--config_overrides", overrides_flag(overrides)] if overrides else []), *args.pretrain_args,
-            ])
+            encoder_dir = pretrain.main(
+                [
+                    "--seed",
+                    str(seed),
+                    "--output_dir",
+                    str(run_dir / "pretrain"),
+                    "--disable_tqdm",
+                    "true",
+                    "--max_steps",
+                    str(args.max_steps),
+                    "--save_steps",
+                    str(save_every),
+                    "--save_total_limit",
+                    "1000",
+                    *(["--config_overrides", overrides_flag(overrides)] if overrides else []),
+                    *args.pretrain_args,
+                ]
+            )
             minutes = (time.monotonic() - start) / 60
             final = evaluate_encoder(encoder_dir, seed, run_dir / "eval-final", probe, knn)
             evaluations = {str(args.max_steps): final}
             for step in steps[:-1]:
                 checkpoint = run_dir / "pretrain" / f"checkpoint-{step}"
-                result = knn.main(["--model_name_or_path", str(checkpoint), "--seed", str(seed),
-                                   "--output_dir", str(run_dir / f"eval-{step}" / "knn")])
+                result = knn.main(
+                    [
+                        "--model_name_or_path",
+                        str(checkpoint),
+                        "--seed",
+                        str(seed),
+                        "--output_dir",
+                        str(run_dir / f"eval-{step}" / "knn"),
+                    ]
+                )
                 evaluations[str(step)] = {"knn": 100.0 * result["accuracy"]}
             runs[name].append({"seed": seed, "pretrain_minutes": minutes, "evaluations": evaluations})
             print(f"[seed {seed}] {name}: {minutes:.1f} min; {evaluations}; random init {random_row}", flush=True)

@@ -96,12 +96,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{kind:<10} seed {seed}: {scores}", flush=True)
 
     train_x, train_y, test_x, test_y = raw_pixel_features()
-    raw = [100.0 * LogisticRegression(C=c, max_iter=10000).fit(train_x, train_y).score(test_x, test_y)
-           for c in args.inverse_strengths]
+    raw = [
+        100.0 * LogisticRegression(C=c, max_iter=10000).fit(train_x, train_y).score(test_x, test_y)
+        for c in args.inverse_strengths
+    ]
     print("raw 8x8 pixels (no encoder): " + "  ".join(f"C={c:g} {a:.1f}" for c, a in zip(args.inverse_strengths, raw)))
 
-    print("\n| C | " + " | ".join(f"pre-trained s{s}" for s in args.seeds[: len(args.pretrained)])
-          + " | " + " | ".join(f"random s{s}" for s in args.seeds) + " | margin | spread | raw pixels |")
+    print(
+        "\n| C | "
+        + " | ".join(f"pre-trained s{s}" for s in args.seeds[: len(args.pretrained)])
+        + " | "
+        + " | ".join(f"random s{s}" for s in args.seeds)
+        + " | margin | spread | raw pixels |"
+    )
     print("|---" * (4 + len(args.pretrained) + len(args.seeds)) + "|")
     for index, c in enumerate(args.inverse_strengths):
         groups = {

@@ -90,7 +90,9 @@ class ReferenceAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`x`: `(batch_size, sequence_length, width)` -> same shape."""
         batch_size, length, width = x.shape
-        qkv = self.qkv(x).reshape(batch_size, length, 3, self.num_heads, width // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = (
+            self.qkv(x).reshape(batch_size, length, 3, self.num_heads, width // self.num_heads).permute(2, 0, 3, 1, 4)
+        )
         q, k, v = qkv[0], qkv[1], qkv[2]
         attn = (q @ k.transpose(-2, -1)) * self.scale
         attn = attn.softmax(dim=-1)
@@ -234,7 +236,7 @@ class ReferenceModels:
     predictor: ReferencePredictor
     target_encoder: ReferenceVisionTransformer
 
-    def to(self, *args, **kwargs) -> "ReferenceModels":
+    def to(self, *args, **kwargs) -> ReferenceModels:
         for module in (self.encoder, self.predictor, self.target_encoder):
             module.to(*args, **kwargs)
         return self
@@ -300,7 +302,8 @@ def reference_train_step(
     bf16: bool = False,
 ) -> float:
     """
-    One official step: loss (optionally under bf16 autocast), backward, AdamW step, per-parameter EMA loop. The authors'
+    One official step: loss (optionally under bf16 autocast), backward, AdamW step, per-parameter EMA loop. The
+    authors'
     gradient scaler is left out: with bf16 it only multiplies and divides the loss and gradients.
     """
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -349,7 +352,7 @@ class ReferenceMaskCollator:
         self.allow_overlap = allow_overlap
 
     @classmethod
-    def from_config(cls, config) -> "ReferenceMaskCollator":
+    def from_config(cls, config) -> ReferenceMaskCollator:
         return cls(
             grid_size=config.grid_size,
             enc_mask_scale=tuple(config.context_scale),
@@ -396,7 +399,9 @@ class ReferenceMaskCollator:
     def sample_masks(
         self, batch_size: int, generator: torch.Generator
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """`masks_enc`: `nenc` tensors `(batch_size, num_context)`; `masks_pred`: `npred` `(batch_size, num_target)`."""
+        """
+        `masks_enc`: `nenc` tensors `(batch_size, num_context)`; `masks_pred`: `npred` `(batch_size, num_target)`.
+        """
         p_size = self._sample_block_size(generator, self.pred_mask_scale, self.aspect_ratio)
         e_size = self._sample_block_size(generator, self.enc_mask_scale, (1.0, 1.0))
         masks_pred, masks_enc = [], []

@@ -32,9 +32,14 @@ def _register_with_transformers() -> None:
     AutoModelForImageClassification.register(IJepaConfig, IJepaForImageClassification, exist_ok=True)
     # transformers renames the built-in IJepa's weights on load/save (its files keep the legacy ViT key names). Our
     # classes share those names, so they must opt in to the same renaming to read and write identical files.
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
 
-    register_checkpoint_conversion_mapping("IJepaModel", get_checkpoint_conversion_mapping("IJepaModel"), overwrite=True)
+    register_checkpoint_conversion_mapping(
+        "IJepaModel", get_checkpoint_conversion_mapping("IJepaModel"), overwrite=True
+    )
 
 
 _register_with_transformers()

@@ -1,6 +1,6 @@
 # Copyright 2026 The ijepa-hf Authors. All rights reserved.
 # Licensed under the Apache License, Version 2.0.
-"""I-JEPA configuration: the encoder fields of transformers' built-in `IJepaConfig`, plus predictor and masking fields."""
+"""I-JEPA configuration: the encoder fields of transformers' built-in `IJepaConfig`, plus predictor and mask fields."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ TARGET_NORMALIZATIONS = ("layer_norm", "dyn_tanh")
 
 
 def configuration_dir() -> Path:
-    """Folder holding `models/`, `recipes/` and `accelerate/`: the checkout's `configuration/` or the installed copy."""
+    """Folder of `models/`, `recipes/` and `accelerate/`: the checkout's `configuration/` or the installed copy."""
     checkout = Path(__file__).resolve().parent.parent / "configuration"
     if (checkout / "models").is_dir():
         return checkout
@@ -50,7 +50,8 @@ class IJepaConfig(_TransformersIJepaConfig):
             `hidden_size` (checked when the model is built).
         intermediate_size (`int`, *optional*, defaults to 3072): hidden width of the encoder MLPs.
         layer_norm_eps (`float`, *optional*, defaults to 1e-6): LayerNorm epsilon (I-JEPA uses 1e-6).
-        image_size (`int` or `(height, width)`, *optional*, defaults to 224): input resolution; divisible by `patch_size`.
+        image_size (`int` or `(height, width)`, *optional*, defaults to 224): input resolution; divisible by
+            `patch_size`.
         patch_size (`int` or `(height, width)`, *optional*, defaults to 16): patch size of the patch embedding.
         predictor_hidden_size (`int`, *optional*, defaults to 384): width of the predictor.
         predictor_num_hidden_layers (`int`, *optional*, defaults to 12): depth of the predictor.
@@ -219,7 +220,7 @@ class IJepaConfig(_TransformersIJepaConfig):
 
     # ----------------------------------------------------------------------------------------------------------------
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "IJepaConfig":
+    def from_preset(cls, name: str, **overrides) -> IJepaConfig:
         """
         Build a configuration from a preset in `configuration/models/` (see [`list_presets`]), e.g.
         `IJepaConfig.from_preset("vit_huge_patch14_224", predictor_num_hidden_layers=6)`.

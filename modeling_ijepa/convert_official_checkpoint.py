@@ -13,8 +13,8 @@ Usage:
 
 ```bash
 python -m modeling_ijepa.convert_official_checkpoint --checkpoint IN1K-vit.h.14-300e.pth.tar --output_dir ijepa-vith14
-python -m modeling_ijepa.convert_official_checkpoint --checkpoint IN22K-vit.g.16-600e.pth.tar --output_dir ijepa-vitg16 \
-    --model vit_giant --patch_size 16
+python -m modeling_ijepa.convert_official_checkpoint --checkpoint IN22K-vit.g.16-600e.pth.tar \
+    --output_dir ijepa-vitg16 --model vit_giant --patch_size 16
 ```
 
 The encoder geometry (width, MLP width, heads, patch and image size) comes from the preset
@@ -66,7 +66,9 @@ _PREDICTOR_RENAMES: dict[str, str] = {
     "predictor_norm": "layernorm",
     "predictor_proj": "projection",
 }
-_BLOCK_PATTERN = re.compile(r"^(?P<blocks>blocks|predictor_blocks)\.(?P<index>\d+)\.(?P<module>.+)\.(?P<tensor>weight|bias)$")
+_BLOCK_PATTERN = re.compile(
+    r"^(?P<blocks>blocks|predictor_blocks)\.(?P<index>\d+)\.(?P<module>.+)\.(?P<tensor>weight|bias)$"
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -74,8 +76,10 @@ _BLOCK_PATTERN = re.compile(r"^(?P<blocks>blocks|predictor_blocks)\.(?P<index>\d
 
 
 def strip_ddp_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the `module.` prefix that `DistributedDataParallel` puts on every key (keys without it are kept as they are)."""
-    return {key[len(_DDP_PREFIX):] if key.startswith(_DDP_PREFIX) else key: value for key, value in state_dict.items()}
+    """Drop the `module.` prefix that `DistributedDataParallel` puts on every key (other keys are kept as they are)."""
+    return {
+        key[len(_DDP_PREFIX) :] if key.startswith(_DDP_PREFIX) else key: value for key, value in state_dict.items()
+    }
 
 
 def load_official_checkpoint(checkpoint_path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
@@ -87,7 +91,9 @@ def load_official_checkpoint(checkpoint_path: str | os.PathLike) -> dict[str, di
     """
     checkpoint_path = Path(checkpoint_path)
     if not checkpoint_path.is_file():
-        raise FileNotFoundError(f"No checkpoint at {checkpoint_path}: pass the path of an official I-JEPA .pth.tar file.")
+        raise FileNotFoundError(
+            f"No checkpoint at {checkpoint_path}: pass the path of an official I-JEPA .pth.tar file."
+        )
     try:
         # Memory-mapped, the optimiser state (twice the model's size) is never read into memory.
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
@@ -109,7 +115,9 @@ def load_official_checkpoint(checkpoint_path: str | os.PathLike) -> dict[str, di
 
 
 def _block_indices(state_dict: dict[str, torch.Tensor], blocks: str) -> list[int]:
-    indices = {int(match["index"]) for key in state_dict if (match := _BLOCK_PATTERN.match(key)) and match["blocks"] == blocks}
+    indices = {
+        int(match["index"]) for key in state_dict if (match := _BLOCK_PATTERN.match(key)) and match["blocks"] == blocks
+    }
     return sorted(indices)
 
 
@@ -211,7 +219,9 @@ def _suggest_fix(geometry: dict[str, int | None], current_flags: str | None = No
                 matches.append(name)
     image_size = geometry["image_size"]
     if matches:
-        model = sorted(matches, key=lambda name: _preset_values(name)["image_size"] != image_size)[0].rsplit("_patch", 1)[0]
+        model = sorted(matches, key=lambda name: _preset_values(name)["image_size"] != image_size)[0].rsplit(
+            "_patch", 1
+        )[0]
         flags = f"--model {model} --patch_size {geometry['patch_size']} --image_size {image_size}"
         if flags != current_flags:
             return f"The checkpoint's shapes fit another preset: pass {flags}."
@@ -265,7 +275,9 @@ def build_config(
     try:
         return IJepaConfig(**values), description
     except ValueError as error:
-        current_flags = None if config is not None else f"--model {model} --patch_size {patch_size} --image_size {image_size}"
+        current_flags = (
+            None if config is not None else f"--model {model} --patch_size {patch_size} --image_size {image_size}"
+        )
         raise ValueError(
             f"The checkpoint does not fit {description}: {error} {_suggest_fix(geometry, current_flags)}"
         ) from error
@@ -282,9 +294,7 @@ def _rename(section: str, official_key: str) -> tuple[str, ...] | None:
         expected_blocks = "predictor_blocks" if section == "predictor" else "blocks"
         if match["blocks"] != expected_blocks or match["module"] not in _BLOCK_RENAMES:
             return None
-        return tuple(
-            f"layers.{match['index']}.{ours}.{match['tensor']}" for ours in _BLOCK_RENAMES[match["module"]]
-        )
+        return tuple(f"layers.{match['index']}.{ours}.{match['tensor']}" for ours in _BLOCK_RENAMES[match["module"]])
     renames = _PREDICTOR_RENAMES if section == "predictor" else _ENCODER_RENAMES
     for official, ours in renames.items():
         if official_key == official:
@@ -308,7 +318,7 @@ def _official_name(section: str, our_name: str) -> str:
         if our_name == ours:
             return official
         if our_name.startswith(ours + "."):
-            return official + our_name[len(ours):]
+            return official + our_name[len(ours) :]
     return our_name
 
 
@@ -378,7 +388,12 @@ def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
 
 def _stale_model_files(output_dir: Path) -> list[Path]:
     """Files of an earlier conversion that would be loaded alongside, or instead of, the new ones."""
-    patterns = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+    patterns = (
+        "model*.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model*.bin",
+        "pytorch_model.bin.index.json",
+    )
     return sorted({path for pattern in patterns for path in output_dir.glob(pattern)})
 
 
@@ -396,7 +411,9 @@ def _publish(staging_dir: Path, output_dir: Path) -> None:
         return
     replaced_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.replaced-", dir=output_dir.parent))
     try:
-        old_entries = {output_dir / entry.name for entry in staging_dir.iterdir()} | set(_stale_model_files(output_dir))
+        old_entries = {output_dir / entry.name for entry in staging_dir.iterdir()} | set(
+            _stale_model_files(output_dir)
+        )
         for old in old_entries:
             if old.exists() or old.is_symlink():
                 os.replace(old, replaced_dir / old.name)
@@ -474,8 +491,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, help="Path of the official .pth.tar training checkpoint.")
     parser.add_argument("--output_dir", required=True, help="Directory to write (new or empty unless --overwrite).")
     parser.add_argument("--model", default="vit_huge", help="Model family of the preset, e.g. vit_huge, vit_giant.")
-    parser.add_argument("--patch_size", type=int, default=14, help="Patch size of the checkpoint (14 or 16 for the released ones).")
-    parser.add_argument("--image_size", type=int, default=224, help="Training resolution of the checkpoint (224 or 448).")
+    parser.add_argument(
+        "--patch_size", type=int, default=14, help="Patch size of the checkpoint (14 or 16 for the released ones)."
+    )
+    parser.add_argument(
+        "--image_size", type=int, default=224, help="Training resolution of the checkpoint (224 or 448)."
+    )
     parser.add_argument(
         "--predictor_depth", type=int, default=None, help="Expected predictor depth; checked against the checkpoint."
     )
@@ -483,7 +504,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--config_json", default=None, help="IJepaConfig JSON to use instead of the preset (custom architectures)."
     )
     parser.add_argument(
-        "--overwrite", action="store_true", help="Replace the converted files in a non-empty OUTPUT_DIR (others are kept)."
+        "--overwrite",
+        action="store_true",
+        help="Replace the converted files in a non-empty OUTPUT_DIR (others are kept).",
     )
     return parser.parse_args(argv)
 

@@ -21,6 +21,7 @@ import socket
 
 import torch
 
+
 logger = logging.getLogger(__name__)
 
 LOCK_FILE_NAME = ".ijepa_run_lock.json"
@@ -30,7 +31,7 @@ class OutputDirInUseError(ValueError):
     """Another live training run holds the `output_dir` (see [`claim_output_dir`])."""
 
 
-def requested_fsdp_plugin(training_args) -> "accelerate.utils.FullyShardedDataParallelPlugin | None":  # noqa: F821
+def requested_fsdp_plugin(training_args) -> accelerate.utils.FullyShardedDataParallelPlugin | None:  # noqa: F821
     """
     The FSDP plugin a launch asks for: from `TrainingArguments.fsdp` / `fsdp_config`, else from the environment that
     `accelerate launch --use_fsdp` (or an accelerate config with `distributed_type: FSDP`) sets; `None` when no FSDP
@@ -201,7 +202,10 @@ def claim_output_dir(output_dir: str) -> str | None:
         if holder.get("host") != host:
             logger.warning(
                 "output_dir %s was last claimed by process %s on host %s; taking it over (make sure that run has "
-                "stopped).", output_dir, holder.get("pid"), holder.get("host")
+                "stopped).",
+                output_dir,
+                holder.get("pid"),
+                holder.get("host"),
             )
     temporary = f"{path}.{host}.{pid}"
     with open(temporary, "w", encoding="utf-8") as handle:

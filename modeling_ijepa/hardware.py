@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+
 # A bf16 matmul more than this many times slower than fp32 means reference kernels, not native bf16: native bf16 runs
 # at 0.3-1x the time of fp32, oneDNN's AVX-512 emulation at ~1-3x, reference kernels at 50-400x.
 SLOWDOWN_LIMIT = 4.0
@@ -48,7 +49,8 @@ class CpuBf16Support:
         """One sentence: what was found and measured, e.g. for a log line or an error message."""
         found = " and ".join(self.instructions) if self.instructions else "no AVX-512-bf16 or AMX instructions"
         return (
-            f"CPU kernel capability {self.capability}, {found}; a {_PROBE_SIZE}^3 bf16 matmul ran {self.slowdown:.1f}x "
+            f"CPU kernel capability {self.capability}, {found}; a {_PROBE_SIZE}^3 bf16 matmul ran "
+            f"{self.slowdown:.1f}x "
             f"the time of fp32 here ({self.bf16_flops / 1e9:.2f} against {self.fp32_flops / 1e9:.2f} GFLOP/s)"
         )
 

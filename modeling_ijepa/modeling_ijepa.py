@@ -1,6 +1,7 @@
 # Copyright 2026 The ijepa-hf Authors. All rights reserved.
 # Licensed under the Apache License, Version 2.0.
-"""PyTorch I-JEPA: context/target ViT encoder with token dropping, narrow predictor, pre-training and classification heads.
+"""PyTorch I-JEPA: context/target ViT encoder with token dropping, narrow predictor, pre-training and classification
+heads.
 
 The encoder's parameter names are those of transformers' built-in `IJepaModel`, so checkpoints move both ways between
 this package and vanilla transformers. Its patch/position embedding module is the built-in one.
@@ -43,7 +44,9 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: tuple[int, int]) -> torch
     if embed_dim % 4:
         raise ValueError(f"The sin-cos position embedding needs a width divisible by 4, got {embed_dim}.")
     rows, columns = grid_size
-    row_index, column_index = np.meshgrid(np.arange(rows, dtype=np.float64), np.arange(columns, dtype=np.float64), indexing="ij")
+    row_index, column_index = np.meshgrid(
+        np.arange(rows, dtype=np.float64), np.arange(columns, dtype=np.float64), indexing="ij"
+    )
 
     def encode_1d(positions: np.ndarray) -> np.ndarray:
         omega = np.arange(embed_dim // 4, dtype=np.float64) / (embed_dim / 4.0)
@@ -216,9 +219,13 @@ class IJepaSelfAttention(nn.Module):
         if self._can_fuse_qkv():
             # One matmul for q, k and v (weights concatenated on the fly; parameter names and files stay vanilla).
             weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-            bias = None if self.q_proj.bias is None else torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+            bias = (
+                None if self.q_proj.bias is None else torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+            )
             qkv = F.linear(hidden_states, weight, bias)
-            qkv = qkv.view(batch_size, sequence_length, 3, self.num_attention_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            qkv = qkv.view(batch_size, sequence_length, 3, self.num_attention_heads, self.head_dim).permute(
+                2, 0, 3, 1, 4
+            )
             return qkv.unbind(0)
         head_shape = (batch_size, sequence_length, self.num_attention_heads, self.head_dim)
         return tuple(
@@ -309,7 +316,13 @@ def _check_forward_kwargs(model: nn.Module, kwargs: dict) -> None:
 
 
 _CONFIG_DOWNLOAD_KWARGS = (
-    "cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "subfolder"
+    "cache_dir",
+    "force_download",
+    "proxies",
+    "token",
+    "local_files_only",
+    "revision",
+    "subfolder",
 )
 
 
@@ -378,7 +391,7 @@ class IJepaPreTrainedModel(PreTrainedModel):
                 module.position_embeddings.requires_grad_(False)
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Truncated-normal init (std `initializer_range`, depth-scaled on residual outputs), fixed sin-cos positions."""
+        """Truncated-normal init (`initializer_range`, depth-scaled on residual outputs); fixed sin-cos positions."""
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             std = self.config.initializer_range * getattr(module, "_ijepa_init_scale", 1.0)
             init.trunc_normal_(module.weight, mean=0.0, std=std)
@@ -389,7 +402,10 @@ class IJepaPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, IJepaEmbeddings):
             grid = module.position_embeddings.shape[1]
-            init.copy_(module.position_embeddings, get_2d_sincos_pos_embed(module.position_embeddings.shape[-1], self.config.grid_size).view(1, grid, -1))
+            init.copy_(
+                module.position_embeddings,
+                get_2d_sincos_pos_embed(module.position_embeddings.shape[-1], self.config.grid_size).view(1, grid, -1),
+            )
         elif isinstance(module, IJepaPredictor):
             init.trunc_normal_(module.mask_token, mean=0.0, std=self.config.initializer_range)
             pos = get_2d_sincos_pos_embed(self.config.predictor_hidden_size, self.config.grid_size)
@@ -470,7 +486,8 @@ class IJepaModel(IJepaPreTrainedModel):
             raise ValueError("IJepaModel needs `pixel_values` of shape (batch_size, num_channels, height, width).")
         if pixel_values.dim() != 4:
             raise ValueError(
-                f"pixel_values must be (batch_size, num_channels, height, width), got shape {tuple(pixel_values.shape)}."
+                "pixel_values must be (batch_size, num_channels, height, width), got shape "
+                f"{tuple(pixel_values.shape)}."
             )
         expected_dtype = self.embeddings.patch_embeddings.projection.weight.dtype
         if pixel_values.dtype != expected_dtype:
@@ -522,7 +539,8 @@ class IJepaPredictor(nn.Module):
         if config.predictor_hidden_size % config.predictor_num_attention_heads:
             raise ValueError(
                 f"predictor_num_attention_heads={config.predictor_num_attention_heads} does not divide "
-                f"predictor_hidden_size={config.predictor_hidden_size}: set predictor_num_attention_heads to a divisor "
+                f"predictor_hidden_size={config.predictor_hidden_size}: set predictor_num_attention_heads to a "
+                "divisor "
                 "of the predictor width."
             )
         self.config = config
@@ -574,7 +592,8 @@ class IJepaPredictor(nn.Module):
             attention_mask = key_padding_mask(token_mask.unsqueeze(1).expand(-1, num_blocks, -1).flatten(0, 1))
 
         context = self.embeddings(context_hidden_states) + gather_tokens(position_embeddings, context_indices)
-        # (batch, blocks, context + target, width) -> (batch * blocks, ...): every block sees its own copy of the context.
+        # (batch, blocks, context + target, width) -> (batch * blocks, ...): every block sees its own copy of the
+        # context.
         context = context.unsqueeze(1).expand(-1, num_blocks, -1, -1)
         targets = gather_tokens(position_embeddings, target_indices.reshape(batch_size, num_blocks * num_target))
         targets = (targets + self.mask_token).view(batch_size, num_blocks, num_target, -1)
@@ -716,7 +735,7 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         return self.target_encoder
 
     def get_input_embeddings(self) -> nn.Module:
-        """The context encoder's patch embedding (looked up by transformers utilities and accelerate's FSDP2 wrapping)."""
+        """The context encoder's patch embedding (looked up by transformers utilities and accelerate's FSDP2)."""
         return self.encoder.get_input_embeddings()
 
     def _freeze_fixed_parameters(self) -> None:
@@ -724,7 +743,7 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         super()._freeze_fixed_parameters()
         self.target_encoder.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "IJepaForPreTraining":
+    def train(self, mode: bool = True) -> IJepaForPreTraining:
         super().train(mode)
         self.target_encoder.eval()  # no dropout on targets, as in the authors' code
         return self

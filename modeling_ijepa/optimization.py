@@ -3,7 +3,8 @@
 """Optimisation for pre-training and fine-tuning: the I-JEPA schedules, the no-weight-decay rule, parameter groups.
 
 Every schedule is a pure function of the optimiser step, so a resumed run continues them exactly. One rule decides
-which parameters get weight decay ([`uses_weight_decay`]); the pre-training optimiser and the layer-wise LR decay groups
+which parameters get weight decay ([`uses_weight_decay`]); the pre-training optimiser and the layer-wise LR decay
+groups
 of fine-tuning both follow it.
 """
 
@@ -38,6 +39,7 @@ def ijepa_ema_momentum(update: int, total_steps: int, start: float, end: float) 
     """EMA momentum of the `update`-th target update (0-based): linear from `start` to `end` over the run."""
     return min(end, start + update * (end - start) / max(1, total_steps))
 
+
 # ------------------------------------------------------------------------------------------------------------------
 # Parameter groups
 # ------------------------------------------------------------------------------------------------------------------
@@ -60,7 +62,8 @@ def ijepa_optimizer(
     """
     AdamW over the trainable parameters (the target encoder and fixed position embeddings have none): one group with
     `weight_decay` (flagged `ijepa_weight_decay`, which the schedule updates), one without decay for biases, norms and
-    other 1-D parameters. Fused where torch has the kernel (CUDA, CPU, MPS, XPU; on CPU ~9x faster than foreach, ViT-B).
+    other 1-D parameters. Fused where torch has the kernel (CUDA, CPU, MPS, XPU; on CPU ~9x faster than foreach,
+    ViT-B).
     """
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
@@ -71,9 +74,7 @@ def ijepa_optimizer(
         {"params": no_decay, "weight_decay": 0.0, "ijepa_weight_decay": False},
     ]
     fused = device_type in ("cuda", "cpu", "mps", "xpu")
-    return torch.optim.AdamW(
-        groups, lr=lr, betas=betas, eps=eps, fused=fused or None, foreach=None if fused else True
-    )
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None, foreach=None if fused else True)
 
 
 def encoder_layer_id(parameter_name: str, num_layers: int) -> int:

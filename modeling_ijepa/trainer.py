@@ -16,7 +16,6 @@ transformers / accelerate internals this module relies on (check them when upgra
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import time
@@ -42,6 +41,7 @@ from .hardware import require_native_cpu_bf16
 from .modeling_ijepa import LOSS_PARTS, IJepaForPreTraining
 from .optimization import ijepa_ema_momentum, ijepa_learning_rate, ijepa_optimizer, ijepa_weight_decay
 
+
 logger = logging.getLogger(__name__)
 
 
@@ -66,7 +66,9 @@ class IJepaTrainingArguments(TrainingArguments):
     start_lr: float = field(default=2e-4, metadata={"help": "Learning rate at the start of the linear warm-up."})
     final_lr: float = field(default=1e-6, metadata={"help": "Learning rate at the end of the cosine decay."})
     weight_decay: float = field(default=0.04, metadata={"help": "Weight decay at the start of its cosine schedule."})
-    final_weight_decay: float = field(default=0.4, metadata={"help": "Weight decay at the end of its cosine schedule."})
+    final_weight_decay: float = field(
+        default=0.4, metadata={"help": "Weight decay at the end of its cosine schedule."}
+    )
     ema_momentum_start: float = field(
         default=0.996, metadata={"help": "Target-encoder EMA momentum at the start, linear to ema_momentum_end."}
     )
@@ -82,7 +84,7 @@ class IJepaTrainingArguments(TrainingArguments):
 class _IJepaScheduleCallback(TrainerCallback):
     """After each optimiser step: EMA update of the target encoder, then the weight decay of the next step."""
 
-    def __init__(self, trainer: "IJepaTrainer"):
+    def __init__(self, trainer: IJepaTrainer):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -214,7 +216,9 @@ class IJepaTrainer(Trainer):
     def _set_weight_decay(self, step: int) -> None:
         if self.optimizer is None:
             return
-        weight_decay = ijepa_weight_decay(step, self._total_steps(), self.args.weight_decay, self.args.final_weight_decay)
+        weight_decay = ijepa_weight_decay(
+            step, self._total_steps(), self.args.weight_decay, self.args.final_weight_decay
+        )
         for group in self.optimizer.param_groups:
             if group.get("ijepa_weight_decay"):
                 group["weight_decay"] = weight_decay
@@ -263,7 +267,12 @@ class IJepaTrainer(Trainer):
             drop_last=self.args.dataloader_drop_last,
         )
         prepared = prepare_data_loader(
-            loader, device=self.args.device, num_processes=1, process_index=0, put_on_device=True, dispatch_batches=False
+            loader,
+            device=self.args.device,
+            num_processes=1,
+            process_index=0,
+            put_on_device=True,
+            dispatch_batches=False,
         )
         self.accelerator._dataloaders.append(prepared)
         return prepared
@@ -398,7 +407,7 @@ class IJepaTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def _save_checkpoint(self, model, trial) -> None:
-        """Write `checkpoint-N` under a staging name and rename it when complete (a kill never leaves a partial one)."""
+        """Write `checkpoint-N` under a staging name, renamed when complete (a kill never leaves a partial one)."""
         final_dir = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
         staging_prefix = "tmp-checkpoint"
         staging_dir = os.path.join(self._get_output_dir(trial=trial), f"{staging_prefix}-{self.state.global_step}")

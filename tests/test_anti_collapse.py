@@ -203,8 +203,15 @@ def test_anti_collapse_options_survive_a_save_and_load(tmp_path):
     )
     config.save_pretrained(tmp_path)
     restored = IJepaConfig.from_pretrained(tmp_path)
-    for name in ("vicreg_variance_weight", "vicreg_covariance_weight", "sigreg_weight", "sigreg_num_projections",
-                 "regularized_features", "target_normalization", "dyn_tanh_alpha"):
+    for name in (
+        "vicreg_variance_weight",
+        "vicreg_covariance_weight",
+        "sigreg_weight",
+        "sigreg_num_projections",
+        "regularized_features",
+        "target_normalization",
+        "dyn_tanh_alpha",
+    ):
         assert getattr(restored, name) == getattr(config, name), name
 
 
@@ -227,14 +234,24 @@ def test_trainer_logs_the_loss_terms_and_resumes_exactly_with_regularisers_and_f
     def trainer(output_dir, callbacks=()):
         torch.manual_seed(0)
         args = IJepaTrainingArguments(
-            output_dir=str(output_dir), per_device_train_batch_size=8, max_steps=4, warmup_steps=1,
-            logging_steps=1, save_strategy="steps", save_steps=2, report_to="none", use_cpu=True, disable_tqdm=True,
-            dataloader_drop_last=True, seed=0,
+            output_dir=str(output_dir),
+            per_device_train_batch_size=8,
+            max_steps=4,
+            warmup_steps=1,
+            logging_steps=1,
+            save_strategy="steps",
+            save_steps=2,
+            report_to="none",
+            use_cpu=True,
+            disable_tqdm=True,
+            dataloader_drop_last=True,
+            seed=0,
         )
         collator = IJepaPretrainingCollator(mask_sampler_from_config(config), default_image_processor(48))
         dataset = load_digits_dataset(48)["train"].select(range(32))
-        return IJepaTrainer(IJepaForPreTraining(config), args, train_dataset=dataset, data_collator=collator,
-                            callbacks=list(callbacks))
+        return IJepaTrainer(
+            IJepaForPreTraining(config), args, train_dataset=dataset, data_collator=collator, callbacks=list(callbacks)
+        )
 
     straight = trainer(tmp_path / "straight")
     straight.train()

@@ -14,6 +14,7 @@ from transformers import (
 
 from modeling_ijepa import IJepaConfig, IJepaForImageClassification, IJepaForPreTraining, IJepaModel
 
+
 NUM_LABELS = 3
 
 

@@ -171,8 +171,20 @@ def test_benchmark_script_runs_end_to_end_and_reports_every_column(capsys, cpu_w
     from benchmarks.benchmark_step import main
 
     main(
-        ["--device", "cpu", "--models", "vit_micro_patch4_48", "--batch_size", "2", "--steps", "1",
-         "--collator_seconds", "0.05", "--peak_size", "128"]
+        [
+            "--device",
+            "cpu",
+            "--models",
+            "vit_micro_patch4_48",
+            "--batch_size",
+            "2",
+            "--steps",
+            "1",
+            "--collator_seconds",
+            "0.05",
+            "--peak_size",
+            "128",
+        ]
     )
     out = capsys.readouterr().out
     assert "|diff|" in out and "same weights, batch and masks" in out
@@ -196,10 +208,24 @@ def test_benchmark_skips_bf16_on_a_cpu_without_it_and_says_why(capsys, cpu_witho
 
     measured = []
     original = benchmark_step.matmul_peak
-    monkeypatch.setattr(benchmark_step, "matmul_peak", lambda d, dtype, *a, **k: measured.append(dtype) or original(d, dtype, *a, **k))
+    monkeypatch.setattr(
+        benchmark_step, "matmul_peak", lambda d, dtype, *a, **k: measured.append(dtype) or original(d, dtype, *a, **k)
+    )
     benchmark_step.main(
-        ["--device", "cpu", "--models", "vit_micro_patch4_48", "--batch_size", "2", "--steps", "1",
-         "--collator_seconds", "0.05", "--peak_size", "128"]
+        [
+            "--device",
+            "cpu",
+            "--models",
+            "vit_micro_patch4_48",
+            "--batch_size",
+            "2",
+            "--steps",
+            "1",
+            "--collator_seconds",
+            "0.05",
+            "--peak_size",
+            "128",
+        ]
     )
     out = capsys.readouterr().out
     assert "bf16 skipped: this CPU has no native bf16" in out and "400.0x the time of fp32" in out

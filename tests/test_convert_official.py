@@ -28,9 +28,13 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 # The tiny checkpoint: encoder as conftest's tiny_config (48 px, patch 4, width 32, depth 2, 4 heads), and a predictor
 # whose width, depth and MLP width differ from tiny_config's, so the converter must read them from the weights.
-TINY = dict(width=32, depth=2, heads=4, mlp=64, patch=4, image=48, predictor_width=24, predictor_depth=3, predictor_mlp=96)
+TINY = dict(
+    width=32, depth=2, heads=4, mlp=64, patch=4, image=48, predictor_width=24, predictor_depth=3, predictor_mlp=96
+)
 # The `vit_micro_patch4_48` preset's geometry.
-MICRO = dict(width=96, depth=4, heads=4, mlp=384, patch=4, image=48, predictor_width=48, predictor_depth=2, predictor_mlp=192)
+MICRO = dict(
+    width=96, depth=4, heads=4, mlp=384, patch=4, image=48, predictor_width=48, predictor_depth=2, predictor_mlp=192
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -149,7 +153,11 @@ def reference_predictor(state, context, context_indices, target_block, heads):
     """One target block `(B, Nt)` predicted from the context `(B, Nc, D)`, as the authors' predictor does."""
     batch_size, num_context, _ = context.shape
     pos_embed = state["predictor_pos_embed"].expand(batch_size, -1, -1)
-    x = context @ state["predictor_embed.weight"].T + state["predictor_embed.bias"] + select(pos_embed, context_indices)
+    x = (
+        context @ state["predictor_embed.weight"].T
+        + state["predictor_embed.bias"]
+        + select(pos_embed, context_indices)
+    )
     x = torch.cat([x, state["mask_token"] + select(pos_embed, target_block)], dim=1)
     depth = len({key.split(".")[1] for key in state if key.startswith("predictor_blocks.")})
     for index in range(depth):
@@ -165,7 +173,9 @@ def reference_pretraining(models, pixel_values, context_indices, target_indices,
     context = reference_encoder(models["encoder"], pixel_values, heads, context_indices)
     predictions, targets = [], []
     for block in range(target_indices.size(1)):
-        predictions.append(reference_predictor(models["predictor"], context, context_indices, target_indices[:, block], heads))
+        predictions.append(
+            reference_predictor(models["predictor"], context, context_indices, target_indices[:, block], heads)
+        )
         targets.append(select(target_features, target_indices[:, block]))
     predictions, targets = torch.stack(predictions, 1), torch.stack(targets, 1)
     return F.smooth_l1_loss(predictions, targets), predictions
@@ -210,7 +220,10 @@ def converted(tmp_path_factory):
 def test_predictor_and_encoder_depths_are_read_from_the_checkpoint(converted):
     config = converted["model"].config
     assert (config.num_hidden_layers, config.predictor_num_hidden_layers) == (TINY["depth"], TINY["predictor_depth"])
-    assert (config.predictor_hidden_size, config.predictor_intermediate_size) == (TINY["predictor_width"], TINY["predictor_mlp"])
+    assert (config.predictor_hidden_size, config.predictor_intermediate_size) == (
+        TINY["predictor_width"],
+        TINY["predictor_mlp"],
+    )
 
 
 def test_converted_target_encoder_matches_the_official_forward(converted):
@@ -218,7 +231,9 @@ def test_converted_target_encoder_matches_the_official_forward(converted):
     encoder = IJepaModel.from_pretrained(converted["output_dir"]).eval()
     with torch.no_grad():
         differences = {
-            "returned": max_abs_diff(converted["model"].get_encoder()(converted["pixel_values"]).last_hidden_state, expected),
+            "returned": max_abs_diff(
+                converted["model"].get_encoder()(converted["pixel_values"]).last_hidden_state, expected
+            ),
             "saved": max_abs_diff(encoder(converted["pixel_values"]).last_hidden_state, expected),
         }
     print(f"\ntarget encoder vs official forward: max abs diff {differences}")
@@ -243,8 +258,10 @@ def test_converted_pretraining_model_matches_the_official_loss_and_predictions(c
             output = model(*inputs)
         loss_difference = abs(output.loss.item() - expected_loss.item())
         prediction_difference = max_abs_diff(output.predictions, expected_predictions)
-        print(f"\n{name} pre-training model: loss {output.loss.item():.6f} vs official {expected_loss.item():.6f} "
-              f"(diff {loss_difference:.3e}), predictions max abs diff {prediction_difference:.3e}")
+        print(
+            f"\n{name} pre-training model: loss {output.loss.item():.6f} vs official {expected_loss.item():.6f} "
+            f"(diff {loss_difference:.3e}), predictions max abs diff {prediction_difference:.3e}"
+        )
         assert loss_difference < TOLERANCE and prediction_difference < TOLERANCE
 
 
@@ -277,7 +294,8 @@ VANILLA_LOADER = textwrap.dedent(
 def test_vanilla_transformers_loads_the_encoder_folder_with_equal_outputs(converted, tmp_path):
     torch.save(converted["pixel_values"], tmp_path / "pixels.pt")
     completed = subprocess.run(
-        [sys.executable, "-c", VANILLA_LOADER, str(converted["output_dir"]), str(tmp_path / "pixels.pt"), str(tmp_path / "out.pt")],
+        [sys.executable, "-c", VANILLA_LOADER, str(converted["output_dir"]), str(tmp_path / "pixels.pt"),
+         str(tmp_path / "out.pt")],
         cwd=tmp_path, env=python_env(), capture_output=True, text=True,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr
@@ -298,15 +316,18 @@ def test_vanilla_transformers_loads_the_encoder_folder_with_equal_outputs(conver
 
 def test_cli_converts_with_a_preset(tmp_path):
     checkpoint_path, models = save_checkpoint(tmp_path, MICRO, ddp_prefix=False)
-    command = [sys.executable, "-m", "modeling_ijepa.convert_official_checkpoint", "--checkpoint", str(checkpoint_path),
-               "--output_dir", str(tmp_path / "out"), "--model", "vit_micro", "--patch_size", "4", "--image_size", "48",
+    command = [sys.executable, "-m", "modeling_ijepa.convert_official_checkpoint",
+               "--checkpoint", str(checkpoint_path), "--output_dir", str(tmp_path / "out"),
+               "--model", "vit_micro", "--patch_size", "4", "--image_size", "48",
                "--predictor_depth", "2"]  # fmt: skip
     completed = subprocess.run(command, cwd=PROJECT_ROOT, env=python_env(), capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr
     encoder = IJepaModel.from_pretrained(tmp_path / "out").eval()
     pixel_values = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
-        difference = max_abs_diff(encoder(pixel_values).last_hidden_state, reference_encoder(models["target_encoder"], pixel_values, 4))
+        difference = max_abs_diff(
+            encoder(pixel_values).last_hidden_state, reference_encoder(models["target_encoder"], pixel_values, 4)
+        )
     print(f"\nCLI-converted vit_micro target encoder vs official forward: max abs diff {difference:.3e}")
     assert difference < TOLERANCE
     assert (tmp_path / "out" / PRETRAINING_SUBDIR / "config.json").is_file()
@@ -324,7 +345,9 @@ def test_cli_reports_a_non_empty_output_dir_as_an_error_message(tmp_path):
 def test_missing_preset_uses_the_closest_preset_of_the_model(tmp_path):
     geometry = dict(MICRO, patch=8, image=96)  # no vit_micro_patch8_96 preset: vit_micro_patch4_48 + overrides
     checkpoint_path, _ = save_checkpoint(tmp_path, geometry)
-    model = convert_official_checkpoint(checkpoint_path, tmp_path / "out", model="vit_micro", patch_size=8, image_size=96)
+    model = convert_official_checkpoint(
+        checkpoint_path, tmp_path / "out", model="vit_micro", patch_size=8, image_size=96
+    )
     assert (model.config.patch_size, model.config.image_size, model.config.hidden_size) == (8, 96, 96)
 
 
@@ -374,7 +397,9 @@ def test_wrong_encoder_width_in_one_tensor_raises_with_both_shapes(tmp_path):
     checkpoint, _ = official_checkpoint(TINY)
     checkpoint["predictor"]["module.predictor_proj.weight"] = torch.zeros(48, TINY["predictor_width"])
     torch.save(checkpoint, tmp_path / "checkpoint.pth.tar")
-    with pytest.raises(ValueError, match=r"predictor: 'predictor_proj\.weight' has shape \(48, 24\).*expects \(32, 24\)"):
+    with pytest.raises(
+        ValueError, match=r"predictor: 'predictor_proj\.weight' has shape \(48, 24\).*expects \(32, 24\)"
+    ):
         convert_official_checkpoint(tmp_path / "checkpoint.pth.tar", tmp_path / "out", config=tiny_config())
 
 

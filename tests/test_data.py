@@ -6,9 +6,9 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from PIL import Image
 
-from conftest import tiny_config
 from modeling_ijepa.data import (
     IJepaPretrainingCollator,
     ImageClassificationCollator,

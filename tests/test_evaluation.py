@@ -70,8 +70,9 @@ def test_pooled_features_are_the_mean_of_the_last_hidden_state(checkpoint_dir):
     encoder, processor = load_encoder(str(checkpoint_dir))
     dataset = load_digits_dataset(48)["test"].select(range(6))
     features, labels = extract_features(encoder, dataset, processor, batch_size=4)
-    pixel_values = processor(images=[image.convert("RGB") for image in load_digits_dataset(48)["test"][:6]["image"]],
-                             return_tensors="pt")["pixel_values"]
+    pixel_values = processor(
+        images=[image.convert("RGB") for image in load_digits_dataset(48)["test"][:6]["image"]], return_tensors="pt"
+    )["pixel_values"]
     with torch.no_grad():
         expected = encoder.eval()(pixel_values).last_hidden_state.mean(dim=1)
     assert features.shape == (6, encoder.config.hidden_size)
@@ -124,11 +125,24 @@ def test_frozen_encoder_gets_no_gradients_and_stays_in_eval_mode():
 
 def test_linear_probe_without_feature_cache_leaves_encoder_weights_unchanged(checkpoint_dir, tmp_path):
     output_dir = tmp_path / "probe"
-    metrics = load_script("linear_probe").main([
-        "--model_name_or_path", str(checkpoint_dir), "--output_dir", str(output_dir), "--cache_features", "false",
-        "--max_train_samples", "64", "--max_eval_samples", "32", "--num_train_epochs", "2",
-        "--per_device_train_batch_size", "16",
-    ])
+    metrics = load_script("linear_probe").main(
+        [
+            "--model_name_or_path",
+            str(checkpoint_dir),
+            "--output_dir",
+            str(output_dir),
+            "--cache_features",
+            "false",
+            "--max_train_samples",
+            "64",
+            "--max_eval_samples",
+            "32",
+            "--num_train_epochs",
+            "2",
+            "--per_device_train_batch_size",
+            "16",
+        ]
+    )
     assert 0.0 <= metrics["accuracy"] <= 1.0
     probed = load_file(output_dir / "model.safetensors")
     head = {name for name in probed if name.startswith("head.")}
@@ -144,7 +158,12 @@ def test_linear_probe_without_feature_cache_leaves_encoder_weights_unchanged(che
 def test_linear_probe_on_cached_features_learns_the_digits(checkpoint_dir, tmp_path):
     metrics = load_script("linear_probe").main(
         [
-            "--model_name_or_path", str(checkpoint_dir), "--output_dir", str(tmp_path), "--num_train_epochs", "30",
+            "--model_name_or_path",
+            str(checkpoint_dir),
+            "--output_dir",
+            str(tmp_path),
+            "--num_train_epochs",
+            "30",
             *SMALL_RUN,
         ]
     )
@@ -185,10 +204,18 @@ def test_label_fraction_outside_zero_one_is_refused(fraction):
 
 
 def test_scripts_train_on_the_label_fraction_of_the_training_split(checkpoint_dir, tmp_path):
-    metrics = load_script("knn_eval").main([
-        "--model_name_or_path", str(checkpoint_dir), "--output_dir", str(tmp_path), "--label_fraction", "0.1",
-        *SMALL_RUN, "--majority_vote",
-    ])
+    metrics = load_script("knn_eval").main(
+        [
+            "--model_name_or_path",
+            str(checkpoint_dir),
+            "--output_dir",
+            str(tmp_path),
+            "--label_fraction",
+            "0.1",
+            *SMALL_RUN,
+            "--majority_vote",
+        ]
+    )
     first_labels = np.asarray(load_digits_dataset(48)["train"]["label"][:200])
     expected = sum(max(1, round(0.1 * count)) for count in np.bincount(first_labels))
     assert metrics["num_train_samples"] == expected and metrics["temperature"] is None
@@ -272,11 +299,24 @@ def test_layer_decay_scales_learning_rate_by_depth_and_skips_decay_on_vectors():
 
 
 def test_finetune_writes_a_loadable_classifier_with_model_card(checkpoint_dir, tmp_path):
-    metrics = load_script("finetune").main([
-        "--model_name_or_path", str(checkpoint_dir), "--output_dir", str(tmp_path), "--layer_decay", "0.75",
-        "--max_train_samples", "64", "--max_eval_samples", "32", "--num_train_epochs", "1",
-        "--per_device_train_batch_size", "32",
-    ])
+    metrics = load_script("finetune").main(
+        [
+            "--model_name_or_path",
+            str(checkpoint_dir),
+            "--output_dir",
+            str(tmp_path),
+            "--layer_decay",
+            "0.75",
+            "--max_train_samples",
+            "64",
+            "--max_eval_samples",
+            "32",
+            "--num_train_epochs",
+            "1",
+            "--per_device_train_batch_size",
+            "32",
+        ]
+    )
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["num_classes"] == 10
     card = (tmp_path / "README.md").read_text()
     assert str(checkpoint_dir) in card and f"{metrics['accuracy']:.4f}" in card
@@ -331,8 +371,9 @@ def test_recipe_gives_defaults_and_flags_override_them(script, tmp_path):
 
     # The single-file form (YAML or JSON) reads the same recipe, without overrides.
     as_json = tmp_path / "recipe.json"
-    as_json.write_text(json.dumps({"model_name_or_path": "random:vit_micro_patch4_48", "label_fraction": 0.5,
-                                   name: recipe_value}))
+    as_json.write_text(
+        json.dumps({"model_name_or_path": "random:vit_micro_patch4_48", "label_fraction": 0.5, name: recipe_value})
+    )
     for path in (recipe, as_json):
         parsed = load_script(script).parse_args([str(path)])
         assert parsed[1].label_fraction == 0.5 and getattr(parsed[index], name) == recipe_value

@@ -67,8 +67,9 @@ def test_one_pooled_layer_is_bit_identical_to_the_features_before_the_option(thr
     # The extraction as it was: the mean over tokens of `last_hidden_state`, batch by batch.
     loader = DataLoader(dataset, batch_size=4, collate_fn=ImageClassificationCollator(processor, augment=False))
     with torch.no_grad():
-        expected = torch.cat([encoder.eval()(pixel_values=batch["pixel_values"]).last_hidden_state.mean(dim=1)
-                              for batch in loader])
+        expected = torch.cat(
+            [encoder.eval()(pixel_values=batch["pixel_values"]).last_hidden_state.mean(dim=1) for batch in loader]
+        )
     assert features.shape == (5, 32)
     assert torch.equal(features, expected)
 
@@ -177,12 +178,22 @@ def test_grid_head_is_a_stand_alone_linear_probe_head():
 def test_search_chooses_on_the_validation_split_and_reports_every_point():
     features, labels = separable_features(count=200)
     result = search_linear_heads(
-        features, labels, [0.0001, 0.1], [0.0, 0.001], num_labels=3, validation_fraction=0.2, seed=0,
-        num_epochs=10, batch_size=32,
+        features,
+        labels,
+        [0.0001, 0.1],
+        [0.0, 0.001],
+        num_labels=3,
+        validation_fraction=0.2,
+        seed=0,
+        num_epochs=10,
+        batch_size=32,
     )
     assert len(result.grid) == 4
     assert {(point["learning_rate"], point["weight_decay"]) for point in result.grid} == {
-        (0.0001, 0.0), (0.0001, 0.001), (0.1, 0.0), (0.1, 0.001)
+        (0.0001, 0.0),
+        (0.0001, 0.001),
+        (0.1, 0.0),
+        (0.1, 0.001),
     }
     best = max(result.grid, key=lambda point: point["validation_accuracy"])
     assert result.validation_accuracy == best["validation_accuracy"] and result.learning_rate == 0.1
@@ -213,16 +224,30 @@ def test_probe_script_grid_chooses_on_training_images_only_and_reports_the_choic
         return linear_grid.search_linear_heads(features, labels, *args, **kwargs)
 
     monkeypatch.setattr(linear_probe, "search_linear_heads", spy)
-    metrics = linear_probe.main([
-        "--model_name_or_path", str(three_layer_dir), "--output_dir", str(tmp_path), *SMALL_RUN,
-        "--grid_learning_rates", "0.01", "0.1", "--grid_weight_decays", "0", "0.001", "--num_train_epochs", "5",
-    ])
+    metrics = linear_probe.main(
+        [
+            "--model_name_or_path",
+            str(three_layer_dir),
+            "--output_dir",
+            str(tmp_path),
+            *SMALL_RUN,
+            "--grid_learning_rates",
+            "0.01",
+            "0.1",
+            "--grid_weight_decays",
+            "0",
+            "0.001",
+            "--num_train_epochs",
+            "5",
+        ]
+    )
     assert seen["num_examples"] == 200  # the 200 training images; none of the 100 evaluation images
     search = metrics["head_search"]
     assert (search["num_validation_samples"], search["num_grid_train_samples"]) == (20, 180)
     assert len(search["grid"]) == 4 and metrics["num_train_samples"] == 200 and metrics["num_eval_samples"] == 100
     assert (metrics["learning_rate"], metrics["weight_decay"]) == (
-        search["chosen_learning_rate"], search["chosen_weight_decay"]
+        search["chosen_learning_rate"],
+        search["chosen_weight_decay"],
     )
     assert 0.2 < metrics["accuracy"] <= 1.0
     assert json.loads((tmp_path / "linear_probe_results.json").read_text())["head_search"] == search
@@ -232,11 +257,23 @@ def test_probe_script_grid_chooses_on_training_images_only_and_reports_the_choic
 
 
 def test_probe_script_grid_works_on_a_label_fraction(three_layer_dir, tmp_path):
-    metrics = linear_probe.main([
-        "--model_name_or_path", str(three_layer_dir), "--output_dir", str(tmp_path), *SMALL_RUN,
-        "--label_fraction", "0.1", "--grid_learning_rates", "0.1", "--grid_weight_decays", "0",
-        "--num_train_epochs", "3",
-    ])
+    metrics = linear_probe.main(
+        [
+            "--model_name_or_path",
+            str(three_layer_dir),
+            "--output_dir",
+            str(tmp_path),
+            *SMALL_RUN,
+            "--label_fraction",
+            "0.1",
+            "--grid_learning_rates",
+            "0.1",
+            "--grid_weight_decays",
+            "0",
+            "--num_train_epochs",
+            "3",
+        ]
+    )
     assert metrics["num_train_samples"] == 20 and metrics["head_search"]["num_validation_samples"] == 10
 
 
@@ -251,8 +288,9 @@ def test_probe_script_grid_works_on_a_label_fraction(three_layer_dir, tmp_path):
 )
 def test_probe_script_refuses_inconsistent_grid_options_at_start(flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        linear_probe.main(["--model_name_or_path", "random:vit_micro_patch4_48", "--output_dir", str(tmp_path),
-                           *flags])
+        linear_probe.main(
+            ["--model_name_or_path", "random:vit_micro_patch4_48", "--output_dir", str(tmp_path), *flags]
+        )
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 

@@ -60,8 +60,14 @@ def sharded_run(tmp_path_factory):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", **FSDP_LAUNCH_ENV)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD_SIZE), "--standalone",
-        str(ROOT / "tests" / "fsdp_worker.py"), str(out),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(WORLD_SIZE),
+        "--standalone",
+        str(ROOT / "tests" / "fsdp_worker.py"),
+        str(out),
     ]
     worker = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

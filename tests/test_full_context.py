@@ -63,7 +63,7 @@ def test_full_context_keeps_every_context_whole_padded_at_the_end():
             row = context[image]
             kept = real_entries(row)
             lengths.add(kept.numel())
-            assert torch.equal(row[kept.numel():], torch.full_like(row[kept.numel():], CONTEXT_PADDING_INDEX))
+            assert torch.equal(row[kept.numel() :], torch.full_like(row[kept.numel() :], CONTEXT_PADDING_INDEX))
             assert torch.equal(kept, kept.sort().values) and kept.unique().numel() == kept.numel()
             target_set = set(targets[image].flatten().tolist())
             assert not set(kept.tolist()) & target_set, "targets leak into the context"
@@ -196,8 +196,9 @@ def test_context_mask_must_match_the_context_indices():
 
 
 def test_full_context_training_step_runs_through_the_collated_batch():
-    config = tiny_config(context_truncation="none", mask_placement="uniform", vicreg_variance_weight=0.1,
-                         regularized_features="context")
+    config = tiny_config(
+        context_truncation="none", mask_placement="uniform", vicreg_variance_weight=0.1, regularized_features="context"
+    )
     model = IJepaForPreTraining(config).train()
     batch = mask_sampler_from_config(config, seed=0)([{"pixel_values": torch.randn(3, 48, 48)} for _ in range(4)])
     outputs = model(**batch)

@@ -87,6 +87,16 @@ def test_evaluation_scripts_fail_at_start_for_bf16_on_a_cpu_without_it(script, c
 
     module = importlib.import_module(f"training_scripts.{script}")
     with pytest.raises(SystemExit):
-        module.main(["--model_name_or_path", "random:vit_micro_patch4_48", "--bf16", "true", "--use_cpu", "true",
-                     "--output_dir", "/tmp/unused"])
+        module.main(
+            [
+                "--model_name_or_path",
+                "random:vit_micro_patch4_48",
+                "--bf16",
+                "true",
+                "--use_cpu",
+                "true",
+                "--output_dir",
+                "/tmp/unused",
+            ]
+        )
     assert "no native bf16" in capsys.readouterr().err

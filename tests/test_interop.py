@@ -17,6 +17,7 @@ from transformers.models.ijepa import modeling_ijepa as vanilla
 
 from modeling_ijepa import IJepaForImageClassification, IJepaForPreTraining, IJepaModel
 
+
 TOLERANCE = 1e-5
 NUM_LABELS = 5
 

@@ -18,6 +18,7 @@ from modeling_ijepa.masking import (
     mask_sampler_from_config,
 )
 
+
 GRIDS = [(12, 12), (14, 14), (16, 16), (14, 16)]
 
 
@@ -84,7 +85,9 @@ def test_allow_overlap_keeps_target_patches_in_the_context():
     for seed in range(10):
         batch = collator_for((16, 16), seed=seed, allow_overlap=True)(examples(4))
         for image in range(4):
-            overlaps += len(set(batch["context_indices"][image].tolist()) & set(batch["target_indices"][image].flatten().tolist()))
+            overlaps += len(
+                set(batch["context_indices"][image].tolist()) & set(batch["target_indices"][image].flatten().tolist())
+            )
     assert overlaps > 0
 
 
@@ -166,7 +169,9 @@ def test_invalid_settings_raise_a_value_error_naming_the_fix(kwargs, message):
 
 
 def test_target_blocks_too_small_for_min_keep_raise_instead_of_looping_forever():
-    collator = IJepaMaskCollator(image_size=24, patch_size=4, min_context_patches=10)  # 6x6 grid: targets of <= 7 patches
+    collator = IJepaMaskCollator(
+        image_size=24, patch_size=4, min_context_patches=10
+    )  # 6x6 grid: targets of <= 7 patches
     with pytest.raises(ValueError, match="min_context_patches"):
         collator(examples(2))
 
@@ -251,7 +256,10 @@ def test_a_new_strategy_is_one_class_and_one_registry_entry(config, monkeypatch)
     monkeypatch.setitem(MASK_STRATEGIES, "first_patches", FirstPatches)
     config.mask_strategy = "first_patches"
     batch = mask_sampler_from_config(config)(examples(2))
-    assert batch["target_indices"].shape == (2, 2, 10) and batch["context_indices"].shape == (2, config.num_patches - 20)
+    assert batch["target_indices"].shape == (2, 2, 10) and batch["context_indices"].shape == (
+        2,
+        config.num_patches - 20,
+    )
 
 
 def test_an_unknown_strategy_is_named_with_a_hint(config):

@@ -11,6 +11,7 @@ from conftest import tiny_config
 from modeling_ijepa import IJepaForPreTraining, IJepaModel, gather_tokens, get_2d_sincos_pos_embed
 from modeling_ijepa.modeling_ijepa import IJepaSelfAttention
 
+
 BATCH_SIZE = 2
 
 

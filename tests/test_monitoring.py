@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import tiny_config
 from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_ijepa import IJepaForPreTraining
@@ -9,8 +10,6 @@ from modeling_ijepa.data import IJepaPretrainingCollator, default_image_processo
 from modeling_ijepa.masking import IJepaMaskCollator
 from modeling_ijepa.monitoring import KnnMonitor, load_knn_monitor_datasets
 from modeling_ijepa.trainer import IJepaTrainer, IJepaTrainingArguments
-
-from conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +28,17 @@ def _trainer(output_dir, knn_monitor=None, callbacks=(), eval_dataset=None, **ov
     torch.manual_seed(0)
     config = tiny_config()
     values = dict(
-        output_dir=str(output_dir), per_device_train_batch_size=8, max_steps=6, warmup_steps=2, logging_steps=1,
-        save_strategy="steps", save_steps=2, report_to="none", seed=0, dataloader_drop_last=True, use_cpu=True,
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        max_steps=6,
+        warmup_steps=2,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=2,
+        report_to="none",
+        seed=0,
+        dataloader_drop_last=True,
+        use_cpu=True,
         disable_tqdm=True,
     )
     if knn_monitor is not None:
@@ -118,8 +126,11 @@ class _ScriptedMonitor:
 
 def test_best_encoder_by_knn_accuracy_is_kept_at_the_end(tmp_path, monitor):
     trainer = _trainer(
-        tmp_path, knn_monitor=_ScriptedMonitor(monitor, [0.5, 0.9, 0.3]), save_total_limit=2,
-        metric_for_best_model="knn_accuracy", load_best_model_at_end=True,
+        tmp_path,
+        knn_monitor=_ScriptedMonitor(monitor, [0.5, 0.9, 0.3]),
+        save_total_limit=2,
+        metric_for_best_model="knn_accuracy",
+        load_best_model_at_end=True,
     )
     trainer.train()
     assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-4")

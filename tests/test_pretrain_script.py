@@ -22,8 +22,20 @@ SCRIPT = ROOT / "training_scripts" / "pretrain.py"
 
 # The recipe's k-NN monitor runs every --eval_steps; keeping the best model needs --save_steps a multiple of it.
 FAST = [
-    "--per_device_train_batch_size", "16", "--logging_steps", "1", "--save_steps", "2", "--eval_steps", "2",
-    "--monitor_max_train_samples", "100", "--monitor_max_eval_samples", "50", "--disable_tqdm", "true",
+    "--per_device_train_batch_size",
+    "16",
+    "--logging_steps",
+    "1",
+    "--save_steps",
+    "2",
+    "--eval_steps",
+    "2",
+    "--monitor_max_train_samples",
+    "100",
+    "--monitor_max_eval_samples",
+    "50",
+    "--disable_tqdm",
+    "true",
 ]
 
 
@@ -98,8 +110,16 @@ def test_official_recipes(name, preset, predictor_depth, max_steps, warmup, cpu_
 
 def test_command_line_overrides_the_recipe(cpu_with_bf16):
     model_args, _, args, _ = pretrain.parse_args(
-        ["--config", "in1k-vith14-ep300", "--learning_rate", "5e-4", "--model_preset", "vit_small_patch16_224",
-         "--use_cpu", "true"]
+        [
+            "--config",
+            "in1k-vith14-ep300",
+            "--learning_rate",
+            "5e-4",
+            "--model_preset",
+            "vit_small_patch16_224",
+            "--use_cpu",
+            "true",
+        ]
     )
     assert args.learning_rate == 5e-4 and model_args.model_preset == "vit_small_patch16_224"
     assert args.warmup_steps == 25_000  # untouched recipe values stay
@@ -163,9 +183,7 @@ def test_embedded_default_run_writes_a_loadable_encoder(tmp_path):
 
 
 def test_local_folder_with_bad_images_is_trained_on(messy_image_folder, tmp_path, caplog):
-    pretrain.main(
-        ["--train_dir", str(messy_image_folder), "--max_steps", "3", "--output_dir", str(tmp_path), *FAST]
-    )
+    pretrain.main(["--train_dir", str(messy_image_folder), "--max_steps", "3", "--output_dir", str(tmp_path), *FAST])
     assert (tmp_path / "model.safetensors").exists()
     assert "undecodable images were skipped" in caplog.text
 
@@ -181,10 +199,31 @@ def test_stream_shards_are_disjoint_per_process(messy_image_folder):
 
 def test_two_process_launch_on_local_streamed_data(messy_image_folder, tmp_path):
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517", str(SCRIPT),
-        "--train_dir", str(messy_image_folder), "--streaming", "--max_steps", "3", "--output_dir", str(tmp_path),
-        "--shuffle_buffer_size", "8", *FAST,
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29517",
+        str(SCRIPT),
+        "--train_dir",
+        str(messy_image_folder),
+        "--streaming",
+        "--max_steps",
+        "3",
+        "--output_dir",
+        str(tmp_path),
+        "--shuffle_buffer_size",
+        "8",
+        *FAST,
     ]
     result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -211,9 +250,22 @@ def test_two_process_launch_on_local_streamed_data(messy_image_folder, tmp_path)
 def test_hub_dataset_fails_fast_offline(env, tmp_path):
     start = time.monotonic()
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--dataset_name", "ILSVRC/imagenet-1k", "--streaming", "--max_steps", "2",
-         "--output_dir", str(tmp_path)],
-        env=_env(**env), capture_output=True, text=True, timeout=120, cwd=ROOT,
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--dataset_name",
+            "ILSVRC/imagenet-1k",
+            "--streaming",
+            "--max_steps",
+            "2",
+            "--output_dir",
+            str(tmp_path),
+        ],
+        env=_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
     )
     elapsed = time.monotonic() - start
     assert result.returncode != 0
@@ -226,8 +278,18 @@ def test_hub_dataset_fails_fast_offline(env, tmp_path):
 # ------------------------------------------------------------------------------------------------------------------
 def test_mask_settings_change_from_the_command_line():
     model_args, _, _, _ = pretrain.parse_args(
-        ["--mask_strategy", "random", "--target_scale", "0.1", "0.25", "--num_target_blocks", "3",
-         "--context_aspect_ratio", "0.9", "1.1"]
+        [
+            "--mask_strategy",
+            "random",
+            "--target_scale",
+            "0.1",
+            "0.25",
+            "--num_target_blocks",
+            "3",
+            "--context_aspect_ratio",
+            "0.9",
+            "1.1",
+        ]
     )
     config = pretrain.build_config(model_args)
     assert config.mask_strategy == "random" and config.num_target_blocks == 3

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from conftest import tiny_config
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -13,8 +14,6 @@ from modeling_ijepa.data import IJepaPretrainingCollator, default_image_processo
 from modeling_ijepa.masking import IJepaMaskCollator
 from modeling_ijepa.optimization import ijepa_ema_momentum, ijepa_learning_rate, ijepa_weight_decay
 from modeling_ijepa.trainer import IJepaTrainer, IJepaTrainingArguments, effective_rank
-
-from conftest import tiny_config
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -34,7 +33,10 @@ def test_learning_rate_schedule(step, expected):
     assert ijepa_learning_rate(step, 100, 10, 2e-4, 1e-3, 1e-6) == pytest.approx(expected, rel=1e-12)
 
 
-@pytest.mark.parametrize("step, expected", [(0, 0.04), (25, 0.4 - 0.36 * 0.5 * (1 + math.cos(math.pi / 4))), (50, 0.22), (100, 0.4), (150, 0.4)])
+@pytest.mark.parametrize(
+    "step, expected",
+    [(0, 0.04), (25, 0.4 - 0.36 * 0.5 * (1 + math.cos(math.pi / 4))), (50, 0.22), (100, 0.4), (150, 0.4)],
+)
 def test_weight_decay_schedule(step, expected):
     assert ijepa_weight_decay(step, 100, 0.04, 0.4) == pytest.approx(expected, rel=1e-12)
 
@@ -88,7 +90,9 @@ def _trainer(tmp_path, callbacks=(), model=None, **overrides) -> IJepaTrainer:
     torch.manual_seed(0)
     config = tiny_config()
     model = model or IJepaForPreTraining(config)
-    trainer = IJepaTrainer(model=model, args=_args(tmp_path, **overrides), train_dataset=_digits(), data_collator=_collator(config))
+    trainer = IJepaTrainer(
+        model=model, args=_args(tmp_path, **overrides), train_dataset=_digits(), data_collator=_collator(config)
+    )
     for callback in callbacks:
         trainer.add_callback(callback)
     return trainer
@@ -149,8 +153,16 @@ def test_logs_schedules_and_collapse_monitors(tmp_path):
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 2
-    for key in ("learning_rate", "weight_decay", "ema_momentum", "context_tokens", "target_tokens",
-                "target_feature_std", "pooled_effective_rank", "skipped_images"):
+    for key in (
+        "learning_rate",
+        "weight_decay",
+        "ema_momentum",
+        "context_tokens",
+        "target_tokens",
+        "target_feature_std",
+        "pooled_effective_rank",
+        "skipped_images",
+    ):
         assert key in logged[-1], key
     assert logged[-1]["target_feature_std"] > 0.1  # a fresh model is far from collapse
     assert logged[-1]["skipped_images"] == 0
@@ -254,7 +266,8 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path):
 
 
 def test_exact_resume_on_a_stream(tmp_path):
-    """Streams have no random access: on resume the consumed batches are re-read (and re-collated), then training goes on."""
+    """Streams have no random access: on resume the consumed batches are re-read (and re-collated), then training
+    goes on."""
 
     def streamed_trainer(output_dir, callbacks=()):
         torch.manual_seed(0)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from modeling_ijepa import IJepaForPreTraining, IJepaModel
 from modeling_ijepa.data import ImageClassificationCollator, default_image_processor, load_digits_dataset
@@ -13,9 +14,6 @@ from modeling_ijepa.masking import mask_sampler_from_config
 from modeling_ijepa.output_layout import write_output_layout
 from modeling_ijepa.visualization import PcaBasis, patch_features, position_share, spatial_coherence
 from training_scripts import visualize
-
-from conftest import tiny_config
-
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +52,9 @@ def test_script_writes_every_picture_deterministically(pretraining_folder, tmp_p
 def test_an_encoder_folder_gives_the_encoder_pictures_only(pretraining_folder, tmp_path):
     encoder_only = tmp_path / "encoder"
     IJepaModel.from_pretrained(pretraining_folder).save_pretrained(encoder_only)
-    result = visualize.main(["--model_name_or_path", str(encoder_only), "--num_images", "2", "--output_dir",
-                             str(tmp_path / "out")])
+    result = visualize.main(
+        ["--model_name_or_path", str(encoder_only), "--num_images", "2", "--output_dir", str(tmp_path / "out")]
+    )
     assert [Path(p).name for p in result["pictures"]] == ["pca_features.png", "attention.png", "masks.png"]
 
 

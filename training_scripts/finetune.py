@@ -63,14 +63,18 @@ class FinetuneArguments:
     )
     standardize_features: bool = field(
         default=True,
-        metadata={"help": "Train the head on pooled features standardised with training-set statistics (folded into "
-                  "the saved linear head, so the checkpoint keeps the vanilla layout)."},
+        metadata={
+            "help": "Train the head on pooled features standardised with training-set statistics (folded into "
+            "the saved linear head, so the checkpoint keeps the vanilla layout)."
+        },
     )
     probe_head_epochs: float = field(
         default=0.0,
-        metadata={"help": "LP-FT (Kumar et al. 2022): first train the head alone for this many epochs on the frozen "
-                  "encoder's cached, standardised pooled features (AdamW, batch 256, cosine), so that fine-tuning "
-                  "starts from a trained head rather than a random one; 0: start from a random head."},
+        metadata={
+            "help": "LP-FT (Kumar et al. 2022): first train the head alone for this many epochs on the frozen "
+            "encoder's cached, standardised pooled features (AdamW, batch 256, cosine), so that fine-tuning "
+            "starts from a trained head rather than a random one; 0: start from a random head."
+        },
     )
     probe_head_learning_rate: float = field(
         default=0.1, metadata={"help": "Learning rate of the head-only stage (--probe_head_epochs)."}
@@ -141,7 +145,11 @@ def load_classifier(model_args: EvaluationModelArguments, names: list[str], seed
 
 @torch.no_grad()
 def train_head_on_frozen_features(
-    head: StandardizedLinear, features: torch.Tensor, labels: torch.Tensor, num_labels: int, finetune_args,
+    head: StandardizedLinear,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_labels: int,
+    finetune_args,
     training_args,
 ) -> None:
     """
@@ -152,8 +160,15 @@ def train_head_on_frozen_features(
     standardized = (features.to(head.mean.device) - head.mean) * head.scale
     with torch.enable_grad():
         trained = train_linear_heads(
-            standardized, labels, [finetune_args.probe_head_learning_rate], [0.0], num_labels,
-            num_epochs=finetune_args.probe_head_epochs, batch_size=256, batch_norm=False, seed=training_args.seed,
+            standardized,
+            labels,
+            [finetune_args.probe_head_learning_rate],
+            [0.0],
+            num_labels,
+            num_epochs=finetune_args.probe_head_epochs,
+            batch_size=256,
+            batch_norm=False,
+            seed=training_args.seed,
         )
     head.linear.weight.copy_(trained.weights[0])
     head.linear.bias.copy_(trained.biases[0])
@@ -251,12 +266,18 @@ def main(argv: list[str] | None = None) -> dict:
             f"{training_args.per_device_train_batch_size}, AdamW learning rate {training_args.learning_rate:g} "
             f"({schedule} schedule), weight decay {training_args.weight_decay:g}, layer-wise LR decay "
             f"{finetune_args.layer_decay or 'none'}, augmentation {augmentation}"
-            + (f"; the head first trained alone for {finetune_args.probe_head_epochs:g} epochs on the frozen "
-               f"features (LP-FT)." if finetune_args.probe_head_epochs else ".")
+            + (
+                f"; the head first trained alone for {finetune_args.probe_head_epochs:g} epochs on the frozen "
+                f"features (LP-FT)."
+                if finetune_args.probe_head_epochs
+                else "."
+            )
         ),
     )
-    print(f"fine-tuning accuracy: {metrics['accuracy']:.4f} ({len(train_dataset)} training / "
-          f"{len(eval_dataset)} evaluation images, {len(names)} classes)")
+    print(
+        f"fine-tuning accuracy: {metrics['accuracy']:.4f} ({len(train_dataset)} training / "
+        f"{len(eval_dataset)} evaluation images, {len(names)} classes)"
+    )
     return metrics
 
 

@@ -43,8 +43,10 @@ class KnnArguments:
     majority_vote: bool = field(default=False, metadata={"help": "One vote per neighbour instead of weighted votes."})
     pooled_layers: int = field(
         default=1,
-        metadata={"help": "Average-pool the last k layers and concatenate them (each through the final LayerNorm); "
-                  "1: the last layer only."},
+        metadata={
+            "help": "Average-pool the last k layers and concatenate them (each through the final LayerNorm); "
+            "1: the last layer only."
+        },
     )
     batch_size: int = field(default=128, metadata={"help": "Batch size of the feature extraction."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "Image decoding worker processes."})
@@ -83,7 +85,9 @@ def main(argv: list[str] | None = None) -> dict:
         **data_args.dataset_kwargs(), seed=knn_args.seed, image_size=encoder.config.image_size
     )
     extract = dict(
-        batch_size=knn_args.batch_size, num_workers=knn_args.dataloader_num_workers, device=device,
+        batch_size=knn_args.batch_size,
+        num_workers=knn_args.dataloader_num_workers,
+        device=device,
         pooled_layers=knn_args.pooled_layers,
     )
     train_features, train_labels = extract_features(encoder, train_dataset, image_processor, **extract)
@@ -104,8 +108,10 @@ def main(argv: list[str] | None = None) -> dict:
     }
     save_metrics(knn_args.output_dir, "knn", metrics)
     voting = "majority vote" if temperature is None else f"weighted vote, T={temperature}"
-    print(f"{knn_args.k}-NN accuracy: {accuracy:.4f} ({voting}; {len(train_labels)} training / "
-          f"{len(eval_labels)} evaluation images)")
+    print(
+        f"{knn_args.k}-NN accuracy: {accuracy:.4f} ({voting}; {len(train_labels)} training / "
+        f"{len(eval_labels)} evaluation images)"
+    )
     return metrics
 
 

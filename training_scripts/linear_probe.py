@@ -67,8 +67,10 @@ class ProbeArguments:
 
     cache_features: bool = field(
         default=True,
-        metadata={"help": "Extract the frozen features once and train the head on them (fast); false runs the "
-                  "frozen encoder in every step."},
+        metadata={
+            "help": "Extract the frozen features once and train the head on them (fast); false runs the "
+            "frozen encoder in every step."
+        },
     )
     head_batchnorm: bool = field(
         default=True,
@@ -77,13 +79,17 @@ class ProbeArguments:
     feature_batch_size: int = field(default=128, metadata={"help": "Batch size of the feature extraction."})
     pooled_layers: int = field(
         default=1,
-        metadata={"help": "Average-pool the last k layers and concatenate them (each through the final LayerNorm); "
-                  "1: the last layer only."},
+        metadata={
+            "help": "Average-pool the last k layers and concatenate them (each through the final LayerNorm); "
+            "1: the last layer only."
+        },
     )
     grid_learning_rates: list[float] | None = field(
         default=None,
-        metadata={"help": "Learning rates of the head grid, e.g. 0.001 0.01 0.1 (with --grid_weight_decays); unset: "
-                  "one head at --learning_rate."},
+        metadata={
+            "help": "Learning rates of the head grid, e.g. 0.001 0.01 0.1 (with --grid_weight_decays); unset: "
+            "one head at --learning_rate."
+        },
     )
     grid_weight_decays: list[float] | None = field(
         default=None,
@@ -91,8 +97,10 @@ class ProbeArguments:
     )
     validation_fraction: float = field(
         default=0.1,
-        metadata={"help": "With a grid: the class-balanced, seeded fraction of the training images held out to choose "
-                  "the head."},
+        metadata={
+            "help": "With a grid: the class-balanced, seeded fraction of the training images held out to choose "
+            "the head."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -154,10 +162,16 @@ def single_head_probe(
     head = LinearClassifierHead(num_features, len(names), batch_norm=probe_args.head_batchnorm)
 
     if probe_args.cache_features:
+
         def cached(dataset) -> datasets.Dataset:
             features, labels = extract_features(
-                encoder, dataset, image_processor, probe_args.feature_batch_size,
-                training_args.dataloader_num_workers, training_args.device, probe_args.pooled_layers,
+                encoder,
+                dataset,
+                image_processor,
+                probe_args.feature_batch_size,
+                training_args.dataloader_num_workers,
+                training_args.device,
+                probe_args.pooled_layers,
             )
             columns = {"features": features.numpy(), "labels": labels.numpy()}
             return datasets.Dataset.from_dict(columns).with_format("torch")
@@ -196,8 +210,10 @@ def grid_probe(encoder, image_processor, train_dataset, eval_dataset, names, pro
     all of them, evaluate it; returns the metrics beyond the data description.
     """
     extract = dict(
-        batch_size=probe_args.feature_batch_size, num_workers=training_args.dataloader_num_workers,
-        device=training_args.device, pooled_layers=probe_args.pooled_layers,
+        batch_size=probe_args.feature_batch_size,
+        num_workers=training_args.dataloader_num_workers,
+        device=training_args.device,
+        pooled_layers=probe_args.pooled_layers,
     )
     train_features, train_labels = extract_features(encoder, train_dataset, image_processor, **extract)
     eval_features, eval_labels = extract_features(encoder, eval_dataset, image_processor, **extract)
@@ -210,13 +226,24 @@ def grid_probe(encoder, image_processor, train_dataset, eval_dataset, names, pro
         device=training_args.device,
     )
     search = search_linear_heads(
-        train_features, train_labels, probe_args.grid_learning_rates, probe_args.grid_weight_decays, len(names),
-        validation_fraction=probe_args.validation_fraction, seed=training_args.seed, **training,
+        train_features,
+        train_labels,
+        probe_args.grid_learning_rates,
+        probe_args.grid_weight_decays,
+        len(names),
+        validation_fraction=probe_args.validation_fraction,
+        seed=training_args.seed,
+        **training,
     )
     # The chosen values, retrained on every training image: the held-out part chose them, now it trains too.
     final = train_linear_heads(
-        train_features, train_labels, [search.learning_rate], [search.weight_decay], len(names),
-        seed=training_args.seed, **training,
+        train_features,
+        train_labels,
+        [search.learning_rate],
+        [search.weight_decay],
+        len(names),
+        seed=training_args.seed,
+        **training,
     )
     accuracy, loss = head_accuracies(final, eval_features, eval_labels)
     save_file(final.head(0).state_dict(), str(Path(training_args.output_dir) / "model.safetensors"))
@@ -256,14 +283,30 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if probe_args.grid:
         Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
-        metrics = {**grid_probe(encoder, image_processor, train_dataset, eval_dataset, names, probe_args,
-                                training_args), **described}
+        metrics = {
+            **grid_probe(encoder, image_processor, train_dataset, eval_dataset, names, probe_args, training_args),
+            **described,
+        }
     else:
-        metrics = {**single_head_probe(encoder, image_processor, train_dataset, eval_dataset, names, model_args,
-                                       data_args, probe_args, training_args), **described}
+        metrics = {
+            **single_head_probe(
+                encoder,
+                image_processor,
+                train_dataset,
+                eval_dataset,
+                names,
+                model_args,
+                data_args,
+                probe_args,
+                training_args,
+            ),
+            **described,
+        }
     save_metrics(training_args.output_dir, "linear_probe", metrics)
-    print(f"linear probe accuracy: {metrics['accuracy']:.4f} ({metrics['num_train_samples']} training / "
-          f"{metrics['num_eval_samples']} evaluation images, {len(names)} classes)")
+    print(
+        f"linear probe accuracy: {metrics['accuracy']:.4f} ({metrics['num_train_samples']} training / "
+        f"{metrics['num_eval_samples']} evaluation images, {len(names)} classes)"
+    )
     return metrics
 
 

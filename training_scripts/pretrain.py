@@ -100,8 +100,16 @@ class ModelArguments:
     def mask_overrides(self) -> dict:
         """The mask settings given on the command line or in the recipe, as `IJepaConfig` fields."""
         names = (
-            "mask_strategy", "num_target_blocks", "target_scale", "target_aspect_ratio", "context_scale",
-            "context_aspect_ratio", "min_context_patches", "allow_overlap", "mask_placement", "context_truncation",
+            "mask_strategy",
+            "num_target_blocks",
+            "target_scale",
+            "target_aspect_ratio",
+            "context_scale",
+            "context_aspect_ratio",
+            "min_context_patches",
+            "allow_overlap",
+            "mask_placement",
+            "context_truncation",
         )
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
@@ -202,7 +210,9 @@ def build_train_dataset(data_args: DataArguments, training_args: IJepaTrainingAr
         )
     if data_args.streaming:
         # Re-shuffled every epoch: the Trainer calls `set_epoch`, which reseeds the buffer and the shard order.
-        dataset = dataset.shuffle(seed=training_args.data_seed or training_args.seed, buffer_size=data_args.shuffle_buffer_size)
+        dataset = dataset.shuffle(
+            seed=training_args.data_seed or training_args.seed, buffer_size=data_args.shuffle_buffer_size
+        )
     return dataset
 
 
@@ -231,7 +241,9 @@ def build_knn_monitor(data_args: DataArguments, training_args: IJepaTrainingArgu
     )
     logger.info(
         "k-NN monitor: %d reference / %d query images, %d-NN, every %s",
-        len(monitor.train_labels), len(monitor.eval_labels), monitor.k,
+        len(monitor.train_labels),
+        len(monitor.eval_labels),
+        monitor.k,
         f"{training_args.eval_steps} steps" if training_args.eval_strategy == "steps" else training_args.eval_strategy,
     )
     return monitor
@@ -360,7 +372,9 @@ def main(argv: list[str] | None = None) -> str:
 
     save_final_model(trainer, config, image_processor, training_args.output_dir)
     if trainer.args.should_save:
-        plot = plot_training_curves(trainer.state.log_history, os.path.join(training_args.output_dir, "training_curves.png"))
+        plot = plot_training_curves(
+            trainer.state.log_history, os.path.join(training_args.output_dir, "training_curves.png")
+        )
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         if losses:
             logger.info("loss %.4f at the first logging step -> %.4f at the last", losses[0], losses[-1])
@@ -370,9 +384,13 @@ def main(argv: list[str] | None = None) -> str:
         if training_args.load_best_model_at_end and trainer.state.best_model_checkpoint:
             logger.info(
                 "saved encoder: the best by %s (%s, %.4f)",
-                training_args.metric_for_best_model, trainer.state.best_model_checkpoint, trainer.state.best_metric,
+                training_args.metric_for_best_model,
+                trainer.state.best_model_checkpoint,
+                trainer.state.best_metric,
             )
-        logger.info("encoder saved to %s (AutoModel.from_pretrained loads it); curves: %s", training_args.output_dir, plot)
+        logger.info(
+            "encoder saved to %s (AutoModel.from_pretrained loads it); curves: %s", training_args.output_dir, plot
+        )
     return training_args.output_dir
 
 

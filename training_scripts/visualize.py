@@ -152,11 +152,16 @@ def main(argv: list[str] | None = None) -> dict:
     }
     pictures = [
         save_pca_picture(
-            images, basis.to_rgb(features), output_dir / "pca_features.png",
-            content_rgb_maps=PcaBasis.fit(content).to_rgb(content), title=f"{name}: PCA of patch features",
+            images,
+            basis.to_rgb(features),
+            output_dir / "pca_features.png",
+            content_rgb_maps=PcaBasis.fit(content).to_rgb(content),
+            title=f"{name}: PCA of patch features",
         ),
         save_attention_picture(
-            images[: min(4, len(images))], attention_maps(attentions[:4], grid), output_dir / "attention.png",
+            images[: min(4, len(images))],
+            attention_maps(attentions[:4], grid),
+            output_dir / "attention.png",
             title=f"{name}: last-layer attention received per head",
         ),
     ]
@@ -167,8 +172,14 @@ def main(argv: list[str] | None = None) -> dict:
         views = predict_target_blocks(pretraining, pixel_values[:1], context_indices[:1], target_indices[:1])
         pictures.append(
             save_prediction_picture(
-                images[0], context_indices[0], target_indices[0], views["predictions"][0], views["targets"][0],
-                views["target_features"][0], grid, output_dir / "predictions.png",
+                images[0],
+                context_indices[0],
+                target_indices[0],
+                views["predictions"][0],
+                views["targets"][0],
+                views["target_features"][0],
+                grid,
+                output_dir / "predictions.png",
             )
         )
     else:

@@ -267,14 +267,23 @@ def search_linear_heads(
     train_indices, validation_indices = validation_split(labels, validation_fraction, seed)
     train_part, validation_part = torch.from_numpy(train_indices), torch.from_numpy(validation_indices)
     grid = train_linear_heads(
-        features[train_part], labels[train_part], [lr for lr, _ in points], [decay for _, decay in points],
-        num_labels, seed=seed, **training,
+        features[train_part],
+        labels[train_part],
+        [lr for lr, _ in points],
+        [decay for _, decay in points],
+        num_labels,
+        seed=seed,
+        **training,
     )
     accuracy, loss = head_accuracies(grid, features[validation_part], labels[validation_part])
     best = min(range(len(points)), key=lambda index: (-float(accuracy[index]), float(loss[index]), index))
     scores = [
-        {"learning_rate": lr, "weight_decay": decay, "validation_accuracy": float(accuracy[index]),
-         "validation_loss": float(loss[index])}
+        {
+            "learning_rate": lr,
+            "weight_decay": decay,
+            "validation_accuracy": float(accuracy[index]),
+            "validation_loss": float(loss[index]),
+        }
         for index, (lr, decay) in enumerate(points)
     ]
     return HeadSearchResult(

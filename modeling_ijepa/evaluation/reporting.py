@@ -51,8 +51,10 @@ def write_model_card(
 ) -> Path:
     """Write `README.md` in `output_dir`: what the model is, the data, the metrics and how to load it."""
     output_dir = Path(output_dir)
-    metrics_table = "\n".join(f"| {name} | {value:.4f} |" if isinstance(value, float) else f"| {name} | {value} |"
-                              for name, value in sorted(metrics.items()))
+    metrics_table = "\n".join(
+        f"| {name} | {value:.4f} |" if isinstance(value, float) else f"| {name} | {value} |"
+        for name, value in sorted(metrics.items())
+    )
     card = f"""---
 library_name: transformers
 pipeline_tag: {task}

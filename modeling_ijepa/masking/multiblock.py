@@ -119,8 +119,15 @@ class MultiBlockMaskSampler(MaskSampler):
     def from_config(cls, config, seed: int = 0) -> MultiBlockMaskSampler:
         """Build the sampler from an [`IJepaConfig`] (or any object with the same attribute names)."""
         names = (
-            "image_size", "patch_size", "num_target_blocks", "target_scale", "target_aspect_ratio", "context_scale",
-            "context_aspect_ratio", "min_context_patches", "allow_overlap",
+            "image_size",
+            "patch_size",
+            "num_target_blocks",
+            "target_scale",
+            "target_aspect_ratio",
+            "context_scale",
+            "context_aspect_ratio",
+            "min_context_patches",
+            "allow_overlap",
         )
         options = {
             "mask_placement": getattr(config, "mask_placement", "official"),
@@ -133,7 +140,8 @@ class MultiBlockMaskSampler(MaskSampler):
         self, generator: torch.Generator, scale: tuple[float, float], aspect_ratio: tuple[float, float]
     ) -> tuple[int, int]:
         rows, columns = self.grid_size
-        # As the authors' sampler: ONE uniform draw sets both the scale and the aspect ratio (larger blocks are taller).
+        # As the authors' sampler: ONE uniform draw sets both the scale and the aspect ratio (larger blocks are
+        # taller).
         draw = float(torch.rand(1, generator=generator))
         max_keep = int(rows * columns * (scale[0] + draw * (scale[1] - scale[0])))
         ratio = aspect_ratio[0] + draw * (aspect_ratio[1] - aspect_ratio[0])
@@ -169,10 +177,13 @@ class MultiBlockMaskSampler(MaskSampler):
         """
         rows, columns = self.grid_size
         target_height, target_width = self._sample_block_size(generator, self.target_scale, self.target_aspect_ratio)
-        context_height, context_width = self._sample_block_size(generator, self.context_scale, self.context_aspect_ratio)
+        context_height, context_width = self._sample_block_size(
+            generator, self.context_scale, self.context_aspect_ratio
+        )
         if target_height * target_width <= self.min_context_patches:
             raise ValueError(
-                f"Target blocks of {target_height}x{target_width} patches on a {rows}x{columns} grid can never keep more "
+                f"Target blocks of {target_height}x{target_width} patches on a {rows}x{columns} grid can never keep "
+                "more "
                 f"than min_context_patches={self.min_context_patches} patches: use a larger image / smaller patch "
                 "size, larger target_scale, or lower min_context_patches."
             )
@@ -236,7 +247,8 @@ class MultiBlockMaskSampler(MaskSampler):
             if pending.numel():
                 relaxation += 1
                 message = (
-                    f"{type(self).__name__}: no valid context block after {_DRAWS_PER_RELAXATION * relaxation} draws for "
+                    f"{type(self).__name__}: no valid context block after {_DRAWS_PER_RELAXATION * relaxation} draws "
+                    "for "
                     f"{pending.numel()} image(s); dropping one target block from the constraint (official rule). Use "
                     "a larger patch grid or smaller target_scale to avoid this."
                 )
@@ -253,5 +265,9 @@ class MultiBlockMaskSampler(MaskSampler):
 IJepaMaskCollator = MultiBlockMaskSampler
 
 __all__ = [
-    "CONTEXT_TRUNCATIONS", "MASK_PLACEMENTS", "MultiBlockMaskSampler", "IJepaMaskCollator", "check_multiblock_options"
+    "CONTEXT_TRUNCATIONS",
+    "MASK_PLACEMENTS",
+    "MultiBlockMaskSampler",
+    "IJepaMaskCollator",
+    "check_multiblock_options",
 ]

@@ -66,7 +66,14 @@ class RandomPatchMaskSampler(MaskSampler):
                 "contexts all have the same length: leave them at 'official' / 'first' or use "
                 "mask_strategy='multiblock'."
             )
-        names = ("image_size", "patch_size", "num_target_blocks", "target_scale", "context_scale", "min_context_patches")
+        names = (
+            "image_size",
+            "patch_size",
+            "num_target_blocks",
+            "target_scale",
+            "context_scale",
+            "min_context_patches",
+        )
         return cls(**{name: getattr(config, name) for name in names}, seed=seed)
 
     def sample_masks(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

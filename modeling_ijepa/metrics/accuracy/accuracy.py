@@ -4,6 +4,7 @@ import datasets
 import evaluate
 import numpy as np
 
+
 _DESCRIPTION = """
 Accuracy is the proportion of correct predictions among all predictions:
 accuracy = (number of predictions equal to their reference) / (number of predictions).
