@@ -29,6 +29,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_ijepa import IJepaConfig
 from .masking.base import CONTEXT_PADDING_INDEX
+from .regularizers import sigreg_loss, vicreg_covariance_loss, vicreg_variance_loss
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: tuple[int, int]) -> torch.Tensor:
@@ -603,70 +604,6 @@ class IJepaPredictor(nn.Module):
             hidden_states = layer(hidden_states, False, attention_mask)
         predictions = self.projection(self.layernorm(hidden_states[:, num_context:]))
         return predictions.view(batch_size, num_blocks, num_target, -1)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Anti-collapse regularisers (off by default; see `IJepaConfig.vicreg_*_weight` and `IJepaConfig.sigreg_*`)
-
-
-def _check_samples(name: str, features: torch.Tensor) -> None:
-    if features.dim() != 2 or features.size(0) < 2:
-        raise ValueError(
-            f"{name} needs features of shape (num_samples >= 2, dim), got {tuple(features.shape)}: with "
-            "regularized_features='pooled_context' every image is one sample, so use a batch of at least 2 images."
-        )
-
-
-def vicreg_variance_loss(features: torch.Tensor, epsilon: float = 1e-4) -> torch.Tensor:
-    """
-    VICReg's variance term: `mean_d relu(1 - sqrt(var_d + epsilon))` over the dimensions of `(num_samples, dim)`
-    features (variance over samples); 0 once every dimension has a standard deviation of at least 1.
-    """
-    _check_samples("vicreg_variance_loss", features)
-    std = torch.sqrt(features.float().var(dim=0) + epsilon)
-    return F.relu(1.0 - std).mean()
-
-
-def vicreg_covariance_loss(features: torch.Tensor) -> torch.Tensor:
-    """
-    VICReg's covariance term: the squared off-diagonal entries of the covariance matrix of `(num_samples, dim)`
-    features, summed and divided by `dim`; 0 when the dimensions are decorrelated.
-    """
-    _check_samples("vicreg_covariance_loss", features)
-    features = features.float()
-    centred = features - features.mean(dim=0)
-    covariance = centred.T @ centred / (features.size(0) - 1)
-    off_diagonal = covariance - torch.diag_embed(torch.diagonal(covariance))
-    return off_diagonal.square().sum() / features.size(1)
-
-
-def sigreg_loss(
-    features: torch.Tensor, num_projections: int = 256, num_knots: int = 17, max_frequency: float = 3.0
-) -> torch.Tensor:
-    """
-    SIGReg of LeJEPA (Balestriero & LeCun, 2025): the features should be isotropic Gaussian, N(0, I). Each of
-    `num_projections` random unit directions (drawn from torch's global generator at every call) projects the
-    `(num_samples, dim)` features to 1-D, and the Epps-Pulley statistic compares the empirical characteristic function
-    of the projections with that of N(0, 1):
-
-        num_samples * integral over t of |mean_n exp(i t x_n) - exp(-t^2 / 2)|^2 exp(-t^2 / 2) dt,
-
-    integrated with the trapezoid rule on `num_knots` points of `[0, max_frequency]` (the integrand is even in t).
-    Returns the mean statistic over directions (0 for Gaussian features, up to sampling noise).
-    """
-    _check_samples("sigreg_loss", features)
-    features = features.float()
-    directions = torch.randn(features.size(1), num_projections, device=features.device)
-    directions = directions / directions.norm(dim=0, keepdim=True)
-    frequencies = torch.linspace(0.0, max_frequency, num_knots, device=features.device)
-    gaussian = torch.exp(-0.5 * frequencies.square())  # characteristic function of N(0, 1), also the weight window
-    step = max_frequency / (num_knots - 1)
-    quadrature = torch.full((num_knots,), 2.0 * step, device=features.device)  # doubled: the integral over t < 0
-    quadrature[[0, -1]] = step
-    angles = (features @ directions).unsqueeze(-1) * frequencies  # (num_samples, num_projections, num_knots)
-    error = (angles.cos().mean(dim=0) - gaussian).square() + angles.sin().mean(dim=0).square()
-    statistic = (error @ (quadrature * gaussian)) * features.size(0)  # (num_projections,)
-    return statistic.mean()
 
 
 # Loss terms of `IJepaForPreTrainingOutput`, set when a regulariser is on (the trainer logs those present).

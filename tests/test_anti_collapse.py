@@ -15,7 +15,8 @@ from transformers import TrainerCallback
 from modeling_ijepa import IJepaConfig, IJepaForPreTraining
 from modeling_ijepa.data import IJepaPretrainingCollator, default_image_processor, load_digits_dataset
 from modeling_ijepa.masking import mask_sampler_from_config
-from modeling_ijepa.modeling_ijepa import LOSS_PARTS, sigreg_loss, vicreg_covariance_loss, vicreg_variance_loss
+from modeling_ijepa.modeling_ijepa import LOSS_PARTS
+from modeling_ijepa.regularizers import sigreg_loss, vicreg_covariance_loss, vicreg_variance_loss
 from modeling_ijepa.trainer import IJepaTrainer, IJepaTrainingArguments
 
 
