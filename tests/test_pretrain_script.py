@@ -1,5 +1,6 @@
 """training_scripts/pretrain.py: recipes, flags, data sources (embedded, local, streamed, 2 processes), bad input."""
 
+import dataclasses
 import io
 import os
 import subprocess
@@ -324,3 +325,12 @@ def test_recipe_model_and_mask_mappings_merge_into_the_preset(tmp_path):
 def test_impossible_mask_settings_fail_at_start():
     with pytest.raises(SystemExit, match="min_context_patches"):
         pretrain.main(["--min_context_patches", "500", "--max_steps", "1", "--output_dir", "/tmp/unused"])
+
+
+def test_every_mask_setting_is_a_flag_and_a_config_field():
+    from modeling_ijepa import IJepaConfig
+    from modeling_ijepa.masking import MASK_SETTINGS
+
+    flags = {field.name for field in dataclasses.fields(pretrain.ModelArguments)}
+    assert set(MASK_SETTINGS) <= flags
+    assert all(hasattr(IJepaConfig(), name) for name in MASK_SETTINGS)

@@ -35,7 +35,7 @@ from modeling_ijepa import IJepaConfig, IJepaForPreTraining, IJepaModel
 from modeling_ijepa.cli import RecipeArgumentParser, parse_config_overrides
 from modeling_ijepa.data import IJepaPretrainingCollator, default_image_processor, load_image_dataset
 from modeling_ijepa.distributed import OutputDirInUseError
-from modeling_ijepa.masking import mask_sampler_from_config
+from modeling_ijepa.masking import MASK_SETTINGS, mask_sampler_from_config
 from modeling_ijepa.monitoring import KnnMonitor, load_knn_monitor_datasets
 from modeling_ijepa.output_layout import pretraining_dir, write_output_layout
 from modeling_ijepa.trainer import IJepaTrainer, IJepaTrainingArguments
@@ -99,19 +99,7 @@ class ModelArguments:
 
     def mask_overrides(self) -> dict:
         """The mask settings given on the command line or in the recipe, as `IJepaConfig` fields."""
-        names = (
-            "mask_strategy",
-            "num_target_blocks",
-            "target_scale",
-            "target_aspect_ratio",
-            "context_scale",
-            "context_aspect_ratio",
-            "min_context_patches",
-            "allow_overlap",
-            "mask_placement",
-            "context_truncation",
-        )
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        return {name: getattr(self, name) for name in MASK_SETTINGS if getattr(self, name) is not None}
 
 
 @dataclass

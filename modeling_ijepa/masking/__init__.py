@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 
-from .base import CONTEXT_PADDING_INDEX, MaskSampler, check_mask_ranges, check_mask_settings
+from .base import CONTEXT_PADDING_INDEX, MASK_SETTINGS, MaskSampler, check_mask_ranges, check_mask_settings
 from .multiblock import IJepaMaskCollator, MultiBlockMaskSampler
 from .random_patches import RandomPatchMaskSampler
 from .visualize import draw_mask_grid
@@ -38,6 +38,7 @@ def mask_sampler_from_config(config, seed: int = 0) -> MaskSampler:
 
 
 __all__ = [
+    "MASK_SETTINGS",
     "CONTEXT_PADDING_INDEX",
     "MASK_STRATEGIES",
     "IJepaMaskCollator",

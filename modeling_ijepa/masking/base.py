@@ -28,6 +28,20 @@ from torch.utils.data import default_collate, get_worker_info
 # Fills the end of a `context_indices` row that is shorter than the batch's longest (full-context batches).
 CONTEXT_PADDING_INDEX = -1
 
+# The `IJepaConfig` fields that choose and set up the masking (the mask flags of `pretrain.py` and a recipe's `mask:`).
+MASK_SETTINGS = (
+    "mask_strategy",
+    "num_target_blocks",
+    "target_scale",
+    "target_aspect_ratio",
+    "context_scale",
+    "context_aspect_ratio",
+    "min_context_patches",
+    "allow_overlap",
+    "mask_placement",
+    "context_truncation",
+)
+
 
 def pair(value: int | Sequence[int]) -> tuple[int, int]:
     """`(height, width)` from an int or a pair, e.g. an image or patch size."""
@@ -158,4 +172,4 @@ class MaskSampler:
         return batch
 
 
-__all__ = ["CONTEXT_PADDING_INDEX", "MaskSampler", "check_mask_ranges", "check_mask_settings", "pair"]
+__all__ = ["CONTEXT_PADDING_INDEX", "MASK_SETTINGS", "MaskSampler", "check_mask_ranges", "check_mask_settings", "pair"]
