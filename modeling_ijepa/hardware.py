@@ -23,6 +23,7 @@ import torch
 # at 0.3-1x the time of fp32, oneDNN's AVX-512 emulation at ~1-3x, reference kernels at 50-400x.
 SLOWDOWN_LIMIT = 4.0
 _PROBE_SIZE = 256
+_PROBE_ROUNDS = 4
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class CpuBf16Support:
         found = " and ".join(self.instructions) if self.instructions else "no AVX-512-bf16 or AMX instructions"
         return (
             f"CPU kernel capability {self.capability}, {found}; a {_PROBE_SIZE}^3 bf16 matmul ran "
-            f"{self.slowdown:.1f}x "
+            f"{self.slowdown:.2g}x "
             f"the time of fp32 here ({self.bf16_flops / 1e9:.2f} against {self.fp32_flops / 1e9:.2f} GFLOP/s)"
         )
 
@@ -67,7 +68,7 @@ def _bf16_instructions() -> tuple[str, ...]:
     return ("onednn_bf16",) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ()
 
 
-def _matmul_seconds(dtype: torch.dtype, size: int = _PROBE_SIZE, repeats: int = 5) -> float:
+def _matmul_seconds(dtype: torch.dtype, size: int = _PROBE_SIZE, repeats: int = 2) -> float:
     """Best time of a `size x size x size` matmul in `dtype` on the CPU."""
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=generator).to(dtype)
@@ -91,8 +92,11 @@ def cpu_bf16_support() -> CpuBf16Support:
     """
     capability = torch.backends.cpu.get_cpu_capability()
     instructions = _bf16_instructions()
-    fp32_seconds = _matmul_seconds(torch.float32)
-    bf16_seconds = _matmul_seconds(torch.bfloat16)
+    # Interleaved rounds, best of each: load from other processes slows both dtypes alike instead of one of them.
+    fp32_seconds = bf16_seconds = float("inf")
+    for _ in range(_PROBE_ROUNDS):
+        fp32_seconds = min(fp32_seconds, _matmul_seconds(torch.float32))
+        bf16_seconds = min(bf16_seconds, _matmul_seconds(torch.bfloat16))
     slowdown = bf16_seconds / fp32_seconds
     x86_kernels = not capability.startswith("AVX") or capability.startswith("AVX512")
     flops = 2 * _PROBE_SIZE**3
