@@ -49,10 +49,10 @@ class CpuBf16Support:
     def describe(self) -> str:
         """One sentence: what was found and measured, e.g. for a log line or an error message."""
         found = " and ".join(self.instructions) if self.instructions else "no AVX-512-bf16 or AMX instructions"
+        ratio = f"{self.slowdown:.2f}" if self.slowdown < 10 else f"{self.slowdown:.0f}"
         return (
-            f"CPU kernel capability {self.capability}, {found}; a {_PROBE_SIZE}^3 bf16 matmul ran "
-            f"{self.slowdown:.2g}x "
-            f"the time of fp32 here ({self.bf16_flops / 1e9:.2f} against {self.fp32_flops / 1e9:.2f} GFLOP/s)"
+            f"CPU kernel capability {self.capability}, {found}; a {_PROBE_SIZE}^3 bf16 matmul ran {ratio}x the time of "
+            f"fp32 here ({self.bf16_flops / 1e9:.2f} against {self.fp32_flops / 1e9:.2f} GFLOP/s)"
         )
 
 
