@@ -51,8 +51,8 @@ class CpuBf16Support:
         found = " and ".join(self.instructions) if self.instructions else "no AVX-512-bf16 or AMX instructions"
         ratio = f"{self.slowdown:.2f}" if self.slowdown < 10 else f"{self.slowdown:.0f}"
         return (
-            f"CPU kernel capability {self.capability}, {found}; a {_PROBE_SIZE}^3 bf16 matmul ran {ratio}x the time of "
-            f"fp32 here ({self.bf16_flops / 1e9:.2f} against {self.fp32_flops / 1e9:.2f} GFLOP/s)"
+            f"CPU kernel capability {self.capability}, {found}; a {_PROBE_SIZE}^3 bf16 matmul ran {ratio}x the time "
+            f"of fp32 here ({self.bf16_flops / 1e9:.2f} against {self.fp32_flops / 1e9:.2f} GFLOP/s)"
         )
 
 
