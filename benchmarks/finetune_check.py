@@ -35,7 +35,7 @@ from pathlib import Path
 if not __package__:  # run as a file: import `benchmarks` / `training_scripts` from the repository root, as -m does
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from benchmarks.learning_check import gain_and_spread  # noqa: E402  (the check's own margin and spread)
+from benchmarks.learning_check import gain_and_spread, pretrain_seed  # noqa: E402  (the check's own rule)
 
 
 KINDS = (("pretrained", "fine-tuned from I-JEPA (default recipe)"), ("random", "fine-tuned from random init"))
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.pretrained and len(args.pretrained) != len(args.seeds):
         parser.error(f"--pretrained needs one encoder per seed: {len(args.pretrained)} given for seeds {args.seeds}.")
 
-    from training_scripts import finetune, pretrain
+    from training_scripts import finetune
 
     base = Path(args.output_dir)
     rows = []
@@ -137,17 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         elif "pretrained" not in args.arms:
             encoder_dir = None
         else:
-            encoder_dir = pretrain.main(
-                [
-                    "--seed",
-                    str(seed),
-                    "--output_dir",
-                    str(run_dir / "pretrain"),
-                    "--disable_tqdm",
-                    "true",
-                    *args.pretrain_args,
-                ]
-            )
+            encoder_dir = pretrain_seed(seed, run_dir / "pretrain", args.pretrain_args)
         pretrain_minutes = (time.monotonic() - start) / 60
         tune = dict(seed=seed, config=args.finetune_config, extra=args.finetune_args)
         row = {"seed": seed, "encoder": str(encoder_dir), "pretrain_minutes": pretrain_minutes}

@@ -34,6 +34,13 @@ if not __package__:  # run as a file: import `benchmarks` / `training_scripts` f
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 
+def pretrain_seed(seed: int, output_dir: Path, extra_args: list[str] = ()) -> str:
+    """Pre-train with the default recipe under `seed` into `output_dir` (`pretrain.py`); returns the encoder folder."""
+    from training_scripts import pretrain
+
+    return pretrain.main(["--seed", str(seed), "--output_dir", str(output_dir), "--disable_tqdm", "true", *extra_args])
+
+
 def evaluate_encoder(model: str, seed: int, output_dir: Path, probe, knn) -> dict[str, float]:
     common = ["--model_name_or_path", model, "--seed", str(seed)]
     linear = probe.main([*common, "--report_to", "none", "--output_dir", str(output_dir / "linear_probe")])
@@ -149,24 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.combine:
         return combine(args.combine, args.subset_size)
 
-    from training_scripts import knn_eval, linear_probe, pretrain
+    from training_scripts import knn_eval, linear_probe
 
     base = Path(args.output_dir)
     rows = []
     for seed in args.seeds:
         start = time.monotonic()
         run_dir = base / f"seed{seed}"
-        encoder_dir = pretrain.main(
-            [
-                "--seed",
-                str(seed),
-                "--output_dir",
-                str(run_dir / "pretrain"),
-                "--disable_tqdm",
-                "true",
-                *args.pretrain_args,
-            ]
-        )
+        encoder_dir = pretrain_seed(seed, run_dir / "pretrain", args.pretrain_args)
         pretrain_minutes = (time.monotonic() - start) / 60
         pretrained = evaluate_encoder(encoder_dir, seed, run_dir / "eval-pretrained", linear_probe, knn_eval)
         random_init = evaluate_encoder(f"random:{args.preset}", seed, run_dir / "eval-random", linear_probe, knn_eval)

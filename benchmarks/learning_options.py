@@ -39,8 +39,8 @@ import torch
 if not __package__:  # run as a file: import `benchmarks` / `training_scripts` from the repository root, as -m does
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from benchmarks.learning_check import METRICS, evaluate_encoder, gain_and_spread  # noqa: E402
-from training_scripts import knn_eval, linear_probe, pretrain  # noqa: E402
+from benchmarks.learning_check import METRICS, evaluate_encoder, gain_and_spread, pretrain_seed  # noqa: E402
+from training_scripts import knn_eval, linear_probe  # noqa: E402
 
 
 def option_overrides(args: argparse.Namespace) -> dict[str, dict]:
@@ -218,14 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, overrides in options.items():
             run_dir = base / f"seed{seed}" / name
             start = time.monotonic()
-            encoder_dir = pretrain.main(
+            encoder_dir = pretrain_seed(
+                seed,
+                run_dir / "pretrain",
                 [
-                    "--seed",
-                    str(seed),
-                    "--output_dir",
-                    str(run_dir / "pretrain"),
-                    "--disable_tqdm",
-                    "true",
                     "--max_steps",
                     str(args.max_steps),
                     "--save_steps",
@@ -234,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                     "1000",
                     *(["--config_overrides", overrides_flag(overrides)] if overrides else []),
                     *args.pretrain_args,
-                ]
+                ],
             )
             minutes = (time.monotonic() - start) / 60
             final = evaluate_encoder(encoder_dir, seed, run_dir / "eval-final", probe, knn)
