@@ -19,6 +19,8 @@ from .masking.multiblock import check_multiblock_options
 REGULARIZED_FEATURES = ("pooled_context", "context", "predictions")
 # How target-encoder features become regression targets.
 TARGET_NORMALIZATIONS = ("layer_norm", "dyn_tanh")
+# How attention skips the padding of `context_truncation="none"`.
+PADDED_ATTENTIONS = ("mask", "nested")
 
 
 def configuration_dir() -> Path:
@@ -78,6 +80,11 @@ class IJepaConfig(_TransformersIJepaConfig):
             keeps a uniformly random subset; `"none"` keeps every context whole and pads the shorter ones with the
             index `-1` (`modeling_ijepa.masking.CONTEXT_PADDING_INDEX`), which `IJepaForPreTraining` turns into an
             attention mask for the encoder and the predictor.
+        padded_attention (`str`, *optional*, defaults to `"mask"`): how the `sdpa` attention skips that padding:
+            `"mask"` (a boolean key mask: every sequence is computed at the batch's longest length) or `"nested"`
+            (variable length: the real tokens of every sequence are packed into a torch jagged nested tensor, so
+            torch's SDPA dispatches to its variable-length kernels on GPU and no padding is computed; on CPU torch
+            runs its math kernel on it). Same outputs at real tokens; padding tokens get zeros.
         vicreg_variance_weight (`float`, *optional*, defaults to 0.0): weight of the VICReg variance term (hinge on
             the per-dimension standard deviation, `mean(relu(1 - std))`) added to the loss; 0 turns it off.
         vicreg_covariance_weight (`float`, *optional*, defaults to 0.0): weight of the VICReg covariance term (sum of
@@ -121,6 +128,7 @@ class IJepaConfig(_TransformersIJepaConfig):
     mask_strategy: str = "multiblock"
     mask_placement: str = "official"
     context_truncation: str = "first"
+    padded_attention: str = "mask"
     # Anti-collapse options: all off by default, which leaves the official loss bit for bit.
     vicreg_variance_weight: float = 0.0
     vicreg_covariance_weight: float = 0.0
@@ -175,6 +183,11 @@ class IJepaConfig(_TransformersIJepaConfig):
                 f"mask_placement={self.mask_placement!r} / context_truncation={self.context_truncation!r} are options "
                 f"of the 'multiblock' strategy, not of {self.mask_strategy!r}: set mask_strategy='multiblock' or "
                 "leave them at 'official' / 'first'."
+            )
+        if self.padded_attention not in PADDED_ATTENTIONS:
+            raise ValueError(
+                f"padded_attention={self.padded_attention!r} is not one of {list(PADDED_ATTENTIONS)}: 'mask' "
+                "(default) or 'nested' (variable-length SDPA on packed real tokens)."
             )
         self._validate_anti_collapse_options()
 

@@ -165,6 +165,8 @@ def sdpa_attention_forward(
     scaled, and torch's CPU softmax, which accumulates bf16 in float32 itself, writes bf16 directly: no float32 copy of
     the scores in forward or backward.
     """
+    if attention_mask is not None and getattr(module.config, "padded_attention", "mask") == "nested":
+        return nested_sdpa_attention_forward(module, query, key, value, scaling, dropout, attention_mask)
     if query.device.type == "cpu" and query.dtype == torch.bfloat16:
         scores = torch.matmul(query * scaling, key.transpose(-2, -1))
         if attention_mask is not None:
@@ -175,6 +177,34 @@ def sdpa_attention_forward(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling
     )
     return output.transpose(1, 2), None
+
+
+def nested_sdpa_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+    attention_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, None]:
+    """
+    Variable-length SDPA (`config.padded_attention="nested"`): the real tokens of every sequence (`True` in the key
+    padding `attention_mask`, `(batch_size, 1, 1, sequence_length)`) are packed into torch jagged nested tensors, so
+    no padding is computed and torch dispatches to its variable-length kernels where it has them (flash /
+    memory-efficient on GPU). Same shapes as [`sdpa_attention_forward`]; outputs at padding positions are zeros.
+    """
+    batch_size, num_heads, sequence_length, head_dim = query.shape
+    real = attention_mask.reshape(batch_size, sequence_length)
+    offsets = F.pad(real.sum(dim=1).cumsum(dim=0), (1, 0))
+
+    def pack(states: torch.Tensor) -> torch.Tensor:  # (B, H, L, D) -> jagged (B, H, j, D)
+        return torch.nested.nested_tensor_from_jagged(states.transpose(1, 2)[real], offsets).transpose(1, 2)
+
+    packed = F.scaled_dot_product_attention(pack(query), pack(key), pack(value), dropout_p=dropout, scale=scaling)
+    output = query.new_zeros(batch_size, sequence_length, num_heads, head_dim)
+    output[real] = packed.transpose(1, 2).values()
+    return output, None
 
 
 # The attention functions `config._attn_implementation` selects (transformers' convention).

@@ -222,3 +222,36 @@ def test_pretrain_script_takes_the_sampler_options_as_flags_and_recipe_mask_keys
     model_args, _, _, _ = pretrain.parse_args(["--config", str(recipe)])
     config = pretrain.build_config(model_args)
     assert (config.context_truncation, config.sigreg_weight) == ("random", 0.05)
+
+
+def test_nested_padded_attention_equals_the_masked_path_in_outputs_and_gradients():
+    """`padded_attention="nested"` packs the real tokens (variable-length SDPA): same loss, outputs and gradients."""
+    torch.manual_seed(0)
+    masked = IJepaForPreTraining(tiny_config(context_truncation="none"))
+    nested = _equal_weights(
+        masked, IJepaForPreTraining(tiny_config(context_truncation="none", padded_attention="nested"))
+    )
+    images = torch.randn(4, 3, 48, 48)
+    context, targets = draw(sampler(seed=4, context_truncation="none"), batch_size=4)
+    assert not bool((context != CONTEXT_PADDING_INDEX).all())  # padding present
+    outputs = {}
+    for name, model in (("masked", masked), ("nested", nested)):
+        result = model(images, context, targets)
+        result.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        outputs[name] = (result, grads)
+    (masked_out, masked_grads), (nested_out, nested_grads) = outputs["masked"], outputs["nested"]
+    torch.testing.assert_close(nested_out.loss, masked_out.loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(nested_out.predictions, masked_out.predictions, rtol=1e-5, atol=1e-6)
+    real = nested_out.context_mask
+    torch.testing.assert_close(
+        nested_out.context_hidden_state[real], masked_out.context_hidden_state[real], rtol=1e-5, atol=1e-6
+    )
+    assert masked_grads.keys() == nested_grads.keys()
+    for name, grad in masked_grads.items():
+        torch.testing.assert_close(nested_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_unknown_padded_attention_is_refused():
+    with pytest.raises(ValueError, match="padded_attention='varlen' is not one of"):
+        tiny_config(padded_attention="varlen")
