@@ -41,11 +41,35 @@ def pretrain_seed(seed: int, output_dir: Path, extra_args: list[str] = ()) -> st
     return pretrain.main(["--seed", str(seed), "--output_dir", str(output_dir), "--disable_tqdm", "true", *extra_args])
 
 
-def evaluate_encoder(model: str, seed: int, output_dir: Path, probe, knn) -> dict[str, float]:
-    common = ["--model_name_or_path", model, "--seed", str(seed)]
+def evaluate_encoder(
+    model: str, seed: int, output_dir: Path, probe, knn, data_args: list[str] = ()
+) -> dict[str, float]:
+    """Linear probe and 20-NN accuracy (%) of `model` (the embedded digits, or the data of `data_args` flags)."""
+    common = ["--model_name_or_path", model, "--seed", str(seed), *data_args]
     linear = probe.main([*common, "--report_to", "none", "--output_dir", str(output_dir / "linear_probe")])
     neighbours = knn.main([*common, "--output_dir", str(output_dir / "knn")])
     return {"linear": 100.0 * linear["accuracy"], "knn": 100.0 * neighbours["accuracy"]}
+
+
+def run_once(run_dir: Path, compute, settings: dict | None = None) -> dict:
+    """
+    `compute()` once: its result is kept in `run_dir/result.json` and read back on later calls, so that an interrupted
+    or extended benchmark (more seeds, more datasets) redoes nothing. `settings` (e.g. the pre-training flags) are
+    stored with it; a later call with different settings is refused rather than mixing results.
+    """
+    path = run_dir / "result.json"
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("settings") != settings:
+            raise ValueError(
+                f"{path} was computed with settings {stored.get('settings')}, not {settings}: pass another "
+                "--output_dir (or delete that folder) to run these settings."
+            )
+        return stored["result"]
+    result = compute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"settings": settings, "result": result}, indent=2))
+    return result
 
 
 METRICS = (("linear", "linear probe (%)"), ("knn", "20-NN (%)"))

@@ -15,7 +15,8 @@ Options (`OPTIONS` below; the weights come from the flags):
 - `sigreg`: SIGReg (LeJEPA) on the pooled context features;
 - `dyn_tanh`: bounded DynTanh targets instead of LayerNorm;
 - `unbiased`: blocks may touch the last row/column, contexts cut to a random subset;
-- `full_context`: every context kept whole (padding + attention mask).
+- `full_context`: every context kept whole (padding + attention mask);
+- `full_context_nested`: the same, attention on the packed real tokens (variable-length SDPA, nested tensors).
 
 Prints a table per evaluation step (mean ± std over seeds, gain over random init, seed-to-seed spread, whether the gain
 beats the spread on both metrics), the 20-NN accuracy at every evaluated step (a long run that does not collapse keeps
@@ -39,8 +40,33 @@ import torch
 if not __package__:  # run as a file: import `benchmarks` / `training_scripts` from the repository root, as -m does
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from benchmarks.learning_check import METRICS, evaluate_encoder, gain_and_spread, pretrain_seed  # noqa: E402
+from benchmarks.learning_check import METRICS, evaluate_encoder, gain_and_spread, pretrain_seed, run_once  # noqa: E402
 from training_scripts import knn_eval, linear_probe  # noqa: E402
+
+
+def pretrain_and_evaluate(seed: int, run_dir: Path, pretrain_args: list[str], steps: list[int]) -> dict:
+    """
+    Pre-train one option, then evaluate what `pretrain.py` saved (linear probe and 20-NN: with a k-NN monitor that
+    keeps the best encoder, the best one) and the raw checkpoint of every step in `steps` (20-NN).
+    """
+    start = time.monotonic()
+    encoder_dir = pretrain_seed(seed, run_dir / "pretrain", pretrain_args)
+    minutes = (time.monotonic() - start) / 60
+    saved = evaluate_encoder(encoder_dir, seed, run_dir / "eval-saved", linear_probe, knn_eval)
+    evaluations = {}
+    for step in steps:
+        checkpoint = run_dir / "pretrain" / f"checkpoint-{step}"
+        flags = ["--model_name_or_path", str(checkpoint), "--seed", str(seed)]
+        result = knn_eval.main([*flags, "--output_dir", str(run_dir / f"eval-{step}" / "knn")])
+        evaluations[str(step)] = {"knn": 100.0 * result["accuracy"]}
+    state = json.loads((run_dir / "pretrain" / f"checkpoint-{steps[-1]}" / "trainer_state.json").read_text())
+    best = state.get("best_model_checkpoint")
+    return {
+        "pretrain_minutes": minutes,
+        "saved": saved,
+        "saved_step": int(best.rsplit("-", 1)[1]) if best else steps[-1],
+        "evaluations": evaluations,
+    }
 
 
 def option_overrides(args: argparse.Namespace) -> dict[str, dict]:
@@ -55,10 +81,11 @@ def option_overrides(args: argparse.Namespace) -> dict[str, dict]:
         "dyn_tanh": {"target_normalization": "dyn_tanh"},
         "unbiased": {"mask_placement": "uniform", "context_truncation": "random"},
         "full_context": {"context_truncation": "none"},
+        "full_context_nested": {"context_truncation": "none", "padded_attention": "nested"},
     }
 
 
-OPTION_NAMES = ("plain", "vicreg", "sigreg", "dyn_tanh", "unbiased", "full_context")
+OPTION_NAMES = ("plain", "vicreg", "sigreg", "dyn_tanh", "unbiased", "full_context", "full_context_nested")
 
 
 def overrides_flag(overrides: dict) -> str:
@@ -138,27 +165,33 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {std:.1f}"
 
 
-def learning_table(runs: dict[str, list[dict]], random_init: list[dict], step: int) -> list[str]:
-    """One row per option at `step`: mean ± std per metric, gain over random init and spread, verdict."""
+def learning_table(runs: dict[str, list[dict]], random_init: list[dict]) -> list[str]:
+    """
+    One row per option, for the encoder `pretrain.py` saved: mean ± std per metric, gain over random init and spread,
+    verdict, and the step each seed's saved encoder comes from (the k-NN monitor's best, or the last step).
+    """
     metric_columns = " | ".join(f"{label} | gain (spread)" for _, label in METRICS)
-    header = f"| option | {metric_columns} | beats random on both |"
-    lines = [f"Step {step}:", "", header, "|---|" + "---|---|" * len(METRICS) + "---|"]
+    header = f"| option | {metric_columns} | beats random on both | saved step per seed |"
+    lines = ["The saved encoder:", "", header, "|---|" + "---|---|" * len(METRICS) + "---|---|"]
     cells = [_mean_std([row[metric] for row in random_init]) + " | –" for metric, _ in METRICS]
-    lines.append("| random init | " + " | ".join(cells) + " | – |")
+    lines.append("| random init | " + " | ".join(cells) + " | – | – |")
     for name, rows in runs.items():
         cells, passes = [], []
         for metric, _ in METRICS:
-            pretrained = [row["evaluations"][str(step)][metric] for row in rows]
+            pretrained = [row["saved"][metric] for row in rows]
             gain, spread = gain_and_spread(pretrained, [row[metric] for row in random_init])
             cells.append(f"{_mean_std(pretrained)} | {gain:+.1f} ({spread:.1f})")
             passes.append(gain > spread)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'yes' if all(passes) else 'no'} |")
+        saved_steps = ", ".join(str(row["saved_step"]) for row in rows)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'yes' if all(passes) else 'no'} | {saved_steps} |")
     return lines
 
 
 def knn_over_steps_table(runs: dict[str, list[dict]], steps: list[int]) -> list[str]:
-    """20-NN accuracy of every option at every evaluated step, and its change from the first to the last."""
+    """20-NN accuracy of the raw checkpoint at every evaluated step, and its change from the first to the last."""
     lines = [
+        "The raw checkpoints (the weights at each step, whatever the monitor chose):",
+        "",
         "| option | " + " | ".join(f"20-NN @ {step}" for step in steps) + " | last − first |",
         "|---|" + "---|" * (len(steps) + 1),
     ]
@@ -194,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         help="Steps whose checkpoints are k-NN evaluated (default: every 300 steps of a longer run, else the end).",
     )
+    parser.add_argument("--config", default="tiny-cpu", help="The recipe every option is added to (pretrain.py).")
     parser.add_argument("--output_dir", default="outputs/learning_options")
     parser.add_argument("--preset", default="vit_micro_patch4_48", help="Architecture of the default recipe.")
     parser.add_argument("--vicreg_variance_weight", type=float, default=0.1)
@@ -213,49 +247,35 @@ def main(argv: list[str] | None = None) -> int:
     save_every = math.gcd(*steps)
     random_init, runs = [], {name: [] for name in options}
     for seed in args.seeds:
-        random_row = evaluate_encoder(f"random:{args.preset}", seed, base / f"seed{seed}" / "eval-random", probe, knn)
+        random_dir = base / f"seed{seed}" / "eval-random"
+        model = f"random:{args.preset}"
+        random_row = run_once(
+            random_dir, lambda: evaluate_encoder(model, seed, random_dir, probe, knn), {"model": model}
+        )
         random_init.append({"seed": seed, **random_row})
         for name, overrides in options.items():
             run_dir = base / f"seed{seed}" / name
-            start = time.monotonic()
-            encoder_dir = pretrain_seed(
-                seed,
-                run_dir / "pretrain",
-                [
-                    "--max_steps",
-                    str(args.max_steps),
-                    "--save_steps",
-                    str(save_every),
-                    "--save_total_limit",
-                    "1000",
-                    *(["--config_overrides", overrides_flag(overrides)] if overrides else []),
-                    *args.pretrain_args,
-                ],
-            )
-            minutes = (time.monotonic() - start) / 60
-            final = evaluate_encoder(encoder_dir, seed, run_dir / "eval-final", probe, knn)
-            evaluations = {str(args.max_steps): final}
-            for step in steps[:-1]:
-                checkpoint = run_dir / "pretrain" / f"checkpoint-{step}"
-                result = knn.main(
-                    [
-                        "--model_name_or_path",
-                        str(checkpoint),
-                        "--seed",
-                        str(seed),
-                        "--output_dir",
-                        str(run_dir / f"eval-{step}" / "knn"),
-                    ]
-                )
-                evaluations[str(step)] = {"knn": 100.0 * result["accuracy"]}
-            runs[name].append({"seed": seed, "pretrain_minutes": minutes, "evaluations": evaluations})
-            print(f"[seed {seed}] {name}: {minutes:.1f} min; {evaluations}; random init {random_row}", flush=True)
+            pretrain_args = [
+                "--config",
+                args.config,
+                "--max_steps",
+                str(args.max_steps),
+                "--save_steps",
+                str(save_every),
+                "--save_total_limit",
+                "1000",
+                *(["--config_overrides", overrides_flag(overrides)] if overrides else []),
+                *args.pretrain_args,
+            ]
+            settings = {"pretrain_args": pretrain_args}
+            row = run_once(run_dir, lambda: pretrain_and_evaluate(seed, run_dir, pretrain_args, steps), settings)
+            runs[name].append({"seed": seed, **row})
+            print(f"[seed {seed}] {name}: {row}; random init {random_row}", flush=True)
 
     lines = [f"`python benchmarks/learning_options.py {' '.join(argv if argv is not None else sys.argv[1:])}`", ""]
     lines += [f"Options: {json.dumps(options)}", ""]
-    lines += learning_table(runs, random_init, args.max_steps) + [""]
-    if len(steps) > 1:
-        lines += knn_over_steps_table(runs, steps) + [""]
+    lines += learning_table(runs, random_init) + [""]
+    lines += knn_over_steps_table(runs, steps) + [""]
     timings = {}
     if args.timing_steps > 0:
         timings = measure_step_times(

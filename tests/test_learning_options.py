@@ -37,13 +37,18 @@ def test_tables_compare_each_option_with_random_init_and_follow_knn_over_steps()
     random_init = [{"seed": s, "linear": 90.0 + s, "knn": 60.0 + s} for s in range(3)]
     runs = {
         "plain": [
-            {"seed": s, "evaluations": {"300": {"knn": 80.0 + s}, "900": {"linear": 95.0, "knn": 60.0 + s}}}
+            {
+                "seed": s,
+                "saved": {"linear": 95.0, "knn": 60.0 + s},
+                "saved_step": 300 * (s + 1),
+                "evaluations": {"300": {"knn": 80.0 + s}, "900": {"knn": 60.0 + s}},
+            }
             for s in range(3)
         ],
     }
-    table = "\n".join(learning_options.learning_table(runs, random_init, 900))
+    table = "\n".join(learning_options.learning_table(runs, random_init))
     # Linear: gain 95 - 91 = +4.0, spread 2.0 -> but 20-NN: gain 0 -> not both.
-    assert "| plain | 95.0 ± 0.0 | +4.0 (2.0) | 61.0 ± 1.0 | +0.0 (2.0) | no |" in table
+    assert "| plain | 95.0 ± 0.0 | +4.0 (2.0) | 61.0 ± 1.0 | +0.0 (2.0) | no | 300, 600, 900 |" in table
     knn = "\n".join(learning_options.knn_over_steps_table(runs, [300, 900]))
     assert "| plain | 81.0 ± 1.0 | 61.0 ± 1.0 | -20.0 ± 0.0 |" in knn
     timings = {
