@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""
+Small real-photo image folders, built offline from photographs that installed packages ship, for measuring learning
+on data that is not the digits (`benchmarks/small_folder_check.py`).
+
+    python -m benchmarks.photo_folder --output_dir outputs/photos-shipped                    # 12 classes, 3,600 images
+    python -m benchmarks.photo_folder --photos scikit-image --output_dir outputs/photos-skimage   # 10 classes
+
+Two photo sets:
+- `shipped`: the photographs of the project's own dependencies (scikit-learn's `china.jpg` and `flower.jpg`,
+  matplotlib's `grace_hopper.jpg`); each photo is cut into a 2 x 2 grid of regions and the label is the region
+  (12 classes: sky, roof, trees, petals, face, uniform, ...), so neighbouring classes share colours and textures;
+- `scikit-image`: ten photographs of scikit-image's `skimage.data` (astronaut, coffee, cat, rocket, galaxies, retina,
+  stained tissue, gravel, brick, grass), when scikit-image is installed; the label is the photo.
+
+Every image is a random square crop (side 25-60 % of the region's shorter side), resized to `--image_size` px, flipped
+at random and saved as JPEG (quality 90) into `<output_dir>/train/<class>/` and `<output_dir>/validation/<class>/`,
+the layout `datasets`' imagefolder, `pretrain.py --train_dir` and the evaluation scripts read. Seeded: the same
+arguments give the same files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+PHOTO_SETS = ("shipped", "scikit-image")
+SCIKIT_IMAGE_PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "retina",
+    "immunohistochemistry",
+    "gravel",
+    "brick",
+    "grass",
+)
+
+
+def shipped_photographs() -> dict[str, np.ndarray]:
+    """The photographs of scikit-learn and matplotlib (runtime dependencies), `name -> (H, W, 3) uint8`."""
+    import matplotlib.cbook
+    from sklearn.datasets import load_sample_images
+
+    samples = load_sample_images()
+    photos = {Path(name).stem: image for name, image in zip(samples.filenames, samples.images)}
+    with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as image:
+        photos["grace_hopper"] = np.asarray(image.convert("RGB"))
+    return photos
+
+
+def scikit_image_photographs() -> dict[str, np.ndarray]:
+    """Ten photographs of `skimage.data`, `name -> (H, W, 3) uint8` (grey ones repeated over 3 channels)."""
+    try:
+        import skimage.data
+    except ImportError as error:
+        raise ImportError(
+            "--photos scikit-image needs scikit-image (`pip install scikit-image`); --photos shipped needs nothing."
+        ) from error
+    photos = {}
+    for name in SCIKIT_IMAGE_PHOTOS:
+        image = np.asarray(getattr(skimage.data, name)())
+        photos[name] = np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image[..., :3]
+    return photos
+
+
+def regions(photos: dict[str, np.ndarray], grid: int) -> dict[str, np.ndarray]:
+    """Every photo cut into `grid` x `grid` regions, `"<photo>_r<row>c<col>" -> region` (grid 1: the whole photo)."""
+    if grid < 1:
+        raise ValueError(f"--grid must be at least 1, got {grid}.")
+    out = {}
+    for name, photo in sorted(photos.items()):
+        height, width = photo.shape[0] // grid, photo.shape[1] // grid
+        for row in range(grid):
+            for col in range(grid):
+                label = name if grid == 1 else f"{name}_r{row}c{col}"
+                out[label] = photo[row * height : (row + 1) * height, col * width : (col + 1) * width]
+    return out
+
+
+def random_patch(region: np.ndarray, rng: np.random.Generator, image_size: int) -> Image.Image:
+    """A random square crop (side 25-60 % of the region's shorter side), resized, flipped with probability 1/2."""
+    height, width = region.shape[:2]
+    side = max(8, int(rng.uniform(0.25, 0.6) * min(height, width)))
+    top = int(rng.integers(0, height - side + 1))
+    left = int(rng.integers(0, width - side + 1))
+    patch = Image.fromarray(np.ascontiguousarray(region[top : top + side, left : left + side]))
+    patch = patch.resize((image_size, image_size), Image.BICUBIC)
+    return patch.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else patch
+
+
+def write_photo_folder(
+    output_dir: str | Path,
+    photos: str = "shipped",
+    grid: int | None = None,
+    train_per_class: int = 250,
+    validation_per_class: int = 50,
+    image_size: int = 64,
+    seed: int = 0,
+) -> Path:
+    """
+    Write the imagefolder (`train/<class>/*.jpg`, `validation/<class>/*.jpg`) of one photo set and return its root.
+
+    Args:
+        output_dir: created; must not already hold a `train` or `validation` folder (nothing is overwritten).
+        photos: `"shipped"` or `"scikit-image"` (see the module docstring).
+        grid: regions per side of every photo (a class per region); default 2 for `shipped`, 1 for `scikit-image`.
+        train_per_class / validation_per_class: images per class in each split.
+        image_size: side of the saved images, in pixels.
+        seed: seeds the crops.
+    """
+    if photos not in PHOTO_SETS:
+        raise ValueError(f"Unknown photo set {photos!r}; choose one of {PHOTO_SETS}.")
+    if train_per_class < 1 or validation_per_class < 1:
+        raise ValueError("Need at least one training and one validation image per class.")
+    root = Path(output_dir)
+    for split in ("train", "validation"):
+        if (root / split).exists():
+            raise FileExistsError(f"{root / split} exists; pass an empty --output_dir (nothing is overwritten).")
+    source = shipped_photographs() if photos == "shipped" else scikit_image_photographs()
+    classes = regions(source, grid if grid is not None else (2 if photos == "shipped" else 1))
+    rng = np.random.default_rng(seed)
+    for label, region in classes.items():
+        for split, count in (("train", train_per_class), ("validation", validation_per_class)):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for index in range(count):
+                random_patch(region, rng, image_size).save(folder / f"{index:04d}.jpg", "JPEG", quality=90)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--photos", choices=PHOTO_SETS, default="shipped")
+    parser.add_argument("--grid", type=int, default=None, help="Regions per side (default 2 shipped, 1 scikit-image).")
+    parser.add_argument("--train_per_class", type=int, default=250)
+    parser.add_argument("--validation_per_class", type=int, default=50)
+    parser.add_argument("--image_size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    root = write_photo_folder(
+        args.output_dir,
+        photos=args.photos,
+        grid=args.grid,
+        train_per_class=args.train_per_class,
+        validation_per_class=args.validation_per_class,
+        image_size=args.image_size,
+        seed=args.seed,
+    )
+    classes = sorted(p.name for p in (root / "train").iterdir())
+    print(f"{root}: {len(classes)} classes ({', '.join(classes)}), train/ and validation/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
