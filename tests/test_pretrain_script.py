@@ -85,6 +85,21 @@ def test_default_recipe_is_the_embedded_cpu_run():
     assert training_args.learning_rate == 1e-3 and training_args.start_lr == 2e-4
 
 
+def test_small_folder_recipe_is_the_default_schedule_with_vicreg_and_a_shorter_ema(tmp_path):
+    model_args, data_args, args, recipe = pretrain.parse_args(
+        ["--config", "small-folder", "--train_dir", str(tmp_path), "--config_overrides", "sigreg_weight=0.01"]
+    )
+    default_args = pretrain.parse_args([])[2]
+    config = pretrain.build_config(model_args)
+    assert recipe.endswith("small-folder.yaml") and data_args.train_dir == str(tmp_path)
+    assert (config.vicreg_variance_weight, config.vicreg_covariance_weight) == (0.1, 0.004)
+    assert config.regularized_features == "pooled_context" and config.sigreg_weight == 0.01  # the flag adds to it
+    assert (args.ema_momentum_start, args.ema_momentum_end) == (0.98, 1.0)
+    for name in ("max_steps", "learning_rate", "warmup_steps", "per_device_train_batch_size", "eval_steps"):
+        assert getattr(args, name) == getattr(default_args, name), name
+    assert args.load_best_model_at_end and args.metric_for_best_model == "knn_accuracy"
+
+
 @pytest.mark.parametrize(
     "name, preset, predictor_depth, max_steps, warmup",
     [
