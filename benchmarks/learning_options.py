@@ -1,16 +1,18 @@
 #!/usr/bin/env python
 """
 The anti-collapse and sampler options of `IJepaConfig`, side by side on the embedded digits (CPU, offline): for every
-option, pre-train with the default recipe plus that option over several seeds, then linear-probe and 20-NN the target
-encoder against the same architecture at random init (the functions of `learning_check.py`), and time a training step
-of every option in one interleaved run.
+option, pre-train with a recipe (`--config`, default `tiny-cpu`) plus that option over several seeds, then
+linear-probe and 20-NN the target encoder against the same architecture at random init (the functions of
+`learning_check.py`), and time a training step of every option in one interleaved run. Every run keeps its result in
+its folder: a repeated command redoes nothing, so seeds and options can be added later.
 
-    python benchmarks/learning_options.py                          # 6 options x 3 seeds x 300 steps: about 1 hour
+    python benchmarks/learning_options.py                          # 7 options x 3 seeds x 300 steps: about 1 hour
     python benchmarks/learning_options.py --max_steps 900          # the collapse question: 20-NN at 300 / 600 / 900
     python benchmarks/learning_options.py --options plain sigreg --seeds 0 --max_steps 20   # smoke run
+    python benchmarks/learning_options.py --timing_only --options plain unbiased full_context full_context_nested
 
 Options (`OPTIONS` below; the weights come from the flags):
-- `plain`: the default recipe;
+- `plain`: the recipe unchanged;
 - `vicreg`: VICReg variance + covariance on the pooled context features;
 - `sigreg`: SIGReg (LeJEPA) on the pooled context features;
 - `dyn_tanh`: bounded DynTanh targets instead of LayerNorm;
@@ -18,8 +20,9 @@ Options (`OPTIONS` below; the weights come from the flags):
 - `full_context`: every context kept whole (padding + attention mask);
 - `full_context_nested`: the same, attention on the packed real tokens (variable-length SDPA, nested tensors).
 
-Prints a table per evaluation step (mean ± std over seeds, gain over random init, seed-to-seed spread, whether the gain
-beats the spread on both metrics), the 20-NN accuracy at every evaluated step (a long run that does not collapse keeps
+Prints a table for the encoder `pretrain.py` saved (mean ± std over seeds, gain over random init, seed-to-seed spread,
+whether the gain beats the spread on both metrics, and the step it comes from: the k-NN monitor's best when the recipe
+keeps it), the 20-NN accuracy of the raw checkpoint at every evaluated step (a long run that does not collapse keeps
 it), and the step time of every option relative to `plain`. Writes `learning_options.json` / `.md` to `--output_dir`.
 """
 
@@ -235,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sigreg_weight", type=float, default=0.01)
     parser.add_argument("--timing_steps", type=int, default=10, help="Timed steps per option and repeat (0: skip).")
     parser.add_argument("--timing_repeats", type=int, default=3, help="Interleaved repeats of the step timing.")
+    parser.add_argument("--timing_only", action="store_true", help="Only the step-time comparison, no training.")
     parser.add_argument("--timing_batch_size", type=int, default=64, help="Batch of the step timing (the recipe's).")
     parser.add_argument("--pretrain_args", nargs=argparse.REMAINDER, default=[], help="Extra pretrain.py flags.")
     args = parser.parse_args(argv)
@@ -246,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     # Checkpoints at every evaluated step, all kept.
     save_every = math.gcd(*steps)
     random_init, runs = [], {name: [] for name in options}
-    for seed in args.seeds:
+    for seed in [] if args.timing_only else args.seeds:
         random_dir = base / f"seed{seed}" / "eval-random"
         model = f"random:{args.preset}"
         random_row = run_once(
@@ -274,8 +278,9 @@ def main(argv: list[str] | None = None) -> int:
 
     lines = [f"`python benchmarks/learning_options.py {' '.join(argv if argv is not None else sys.argv[1:])}`", ""]
     lines += [f"Options: {json.dumps(options)}", ""]
-    lines += learning_table(runs, random_init) + [""]
-    lines += knn_over_steps_table(runs, steps) + [""]
+    if not args.timing_only:
+        lines += learning_table(runs, random_init) + [""]
+        lines += knn_over_steps_table(runs, steps) + [""]
     timings = {}
     if args.timing_steps > 0:
         timings = measure_step_times(

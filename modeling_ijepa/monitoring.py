@@ -27,6 +27,10 @@ from .data import ImageClassificationCollator, load_image_dataset
 from .evaluation import knn_accuracy
 
 
+class UnlabelledMonitorImagesError(ValueError):
+    """The k-NN monitor's reference folder has no labels (no class sub-folders)."""
+
+
 def load_knn_monitor_datasets(
     train_dir: str | None = None,
     eval_dir: str | None = None,
@@ -57,10 +61,8 @@ def load_knn_monitor_datasets(
             raise ValueError(f"The k-NN monitor's eval_fraction must be in (0, 1), got {eval_fraction}.")
         full = load_image_dataset(train_dir=train_dir, split="train", image_size=image_size)
         if "label" not in full.column_names:
-            raise ValueError(
-                f"{train_dir} has no labels: the k-NN monitor needs one sub-folder per class. Pass labelled images "
-                "with --monitor_train_dir, or pre-train without the monitor: --eval_strategy no "
-                "--load_best_model_at_end false."
+            raise UnlabelledMonitorImagesError(
+                f"{train_dir} has no labels: the k-NN monitor needs one sub-folder per class."
             )
         split = full.train_test_split(test_size=eval_fraction, seed=seed)
         train, evaluation = split["train"], split["test"]

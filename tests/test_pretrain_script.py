@@ -2,6 +2,7 @@
 
 import dataclasses
 import io
+import json
 import os
 import subprocess
 import sys
@@ -202,6 +203,28 @@ def test_local_folder_with_bad_images_is_trained_on(messy_image_folder, tmp_path
     pretrain.main(["--train_dir", str(messy_image_folder), "--max_steps", "3", "--output_dir", str(tmp_path), *FAST])
     assert (tmp_path / "model.safetensors").exists()
     assert "undecodable images were skipped" in caplog.text
+
+
+def test_a_folder_without_labels_trains_with_the_monitor_off_unless_the_monitor_was_named(tmp_path, caplog):
+    """The recipes' k-NN monitor needs class sub-folders: on an unlabelled folder it is turned off, and said so."""
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    digits = load_digits_dataset(48)["train"]
+    for index in range(40):
+        digits[index]["image"].save(folder / f"{index}.png")
+    out = tmp_path / "run"
+    pretrain.main(
+        ["--config", "small-folder", "--train_dir", str(folder), "--max_steps", "2", "--output_dir", str(out), *FAST]
+    )
+    assert (out / "model.safetensors").exists()
+    assert "k-NN monitor off" in caplog.text and "no class sub-folders" in caplog.text
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert not any("eval_knn_accuracy" in entry for entry in state["log_history"])
+    with pytest.raises(SystemExit, match="has no labels"):
+        pretrain.main(
+            ["--train_dir", str(folder), "--monitor_train_dir", str(folder), "--max_steps", "2"]
+            + ["--output_dir", str(tmp_path / "named"), *FAST]
+        )
 
 
 def test_stream_shards_are_disjoint_per_process(messy_image_folder):

@@ -29,14 +29,14 @@ from pathlib import Path
 
 import transformers
 from transformers import set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
 
 from modeling_ijepa import IJepaConfig, IJepaForPreTraining, IJepaModel
 from modeling_ijepa.cli import RecipeArgumentParser, parse_config_overrides
 from modeling_ijepa.data import IJepaPretrainingCollator, default_image_processor, load_image_dataset
 from modeling_ijepa.distributed import OutputDirInUseError
 from modeling_ijepa.masking import MASK_SETTINGS, mask_sampler_from_config
-from modeling_ijepa.monitoring import KnnMonitor, load_knn_monitor_datasets
+from modeling_ijepa.monitoring import KnnMonitor, UnlabelledMonitorImagesError, load_knn_monitor_datasets
 from modeling_ijepa.output_layout import pretraining_dir, write_output_layout
 from modeling_ijepa.trainer import IJepaTrainer, IJepaTrainingArguments
 
@@ -213,9 +213,24 @@ def build_knn_monitor(data_args: DataArguments, training_args: IJepaTrainingArgu
     train_dir = data_args.monitor_train_dir or (None if data_args.streaming else data_args.train_dir)
     if data_args.streaming and not data_args.monitor_train_dir and data_args.train_dir:
         logger.warning("k-NN monitor on the embedded digits; --monitor_train_dir monitors your labelled images.")
-    train, evaluation = load_knn_monitor_datasets(
-        train_dir=train_dir, eval_dir=data_args.monitor_eval_dir, image_size=image_size, seed=training_args.seed
-    )
+    try:
+        train, evaluation = load_knn_monitor_datasets(
+            train_dir=train_dir, eval_dir=data_args.monitor_eval_dir, image_size=image_size, seed=training_args.seed
+        )
+    except UnlabelledMonitorImagesError:
+        if data_args.monitor_train_dir:  # asked for by name: an error
+            raise
+        # The recipe's monitor on a training folder without class sub-folders: nothing to score with, so the run goes
+        # on without evaluation and saves its last encoder, and says so.
+        logger.warning(
+            "k-NN monitor off: %s has no class sub-folders (no labels), so there is no evaluation and the encoder "
+            "saved is the last one. Pass labelled images with --monitor_train_dir to keep the best encoder.",
+            train_dir,
+        )
+        training_args.eval_strategy = IntervalStrategy.NO
+        training_args.load_best_model_at_end = False
+        training_args.metric_for_best_model = None
+        return None
     monitor = KnnMonitor(
         train,
         evaluation,
