@@ -163,9 +163,9 @@ def measure_step_times(
 # ---------------------------------------------------------------------------------------------------------------------
 # Tables
 # ---------------------------------------------------------------------------------------------------------------------
-def _mean_std(values: list[float]) -> str:
+def _mean_std(values: list[float], signed: bool = False) -> str:
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} ± {std:.1f}"
+    return f"{statistics.mean(values):{'+' if signed else ''}.1f} ± {std:.1f}"
 
 
 def learning_table(runs: dict[str, list[dict]], random_init: list[dict]) -> list[str]:
@@ -201,7 +201,9 @@ def knn_over_steps_table(runs: dict[str, list[dict]], steps: list[int]) -> list[
     for name, rows in runs.items():
         per_step = [[row["evaluations"][str(step)]["knn"] for row in rows] for step in steps]
         change = [last - first for first, last in zip(per_step[0], per_step[-1])]
-        lines.append(f"| {name} | " + " | ".join(_mean_std(v) for v in per_step) + f" | {_mean_std(change)} |")
+        lines.append(
+            f"| {name} | " + " | ".join(_mean_std(v) for v in per_step) + f" | {_mean_std(change, signed=True)} |"
+        )
     return lines
 
 
