@@ -167,25 +167,17 @@ def test_bf16_explicit_attention_matches_fp32_sdpa_with_gradients():
     assert (grad16 - grad32).norm() / grad32.norm() < 3e-2
 
 
+# The smallest end-to-end run of benchmark_step.py: the micro model, one step, short collator and matmul-peak probes.
+SMOKE_RUN = [
+    "--device", "cpu", "--models", "vit_micro_patch4_48", "--batch_size", "2", "--steps", "1",
+    "--collator_seconds", "0.05", "--peak_size", "128",
+]  # fmt: skip
+
+
 def test_benchmark_script_runs_end_to_end_and_reports_every_column(capsys, cpu_with_bf16):
     from benchmarks.benchmark_step import main
 
-    main(
-        [
-            "--device",
-            "cpu",
-            "--models",
-            "vit_micro_patch4_48",
-            "--batch_size",
-            "2",
-            "--steps",
-            "1",
-            "--collator_seconds",
-            "0.05",
-            "--peak_size",
-            "128",
-        ]
-    )
+    main(SMOKE_RUN)
     out = capsys.readouterr().out
     assert "|diff|" in out and "same weights, batch and masks" in out
     assert "skipped" not in out
@@ -211,22 +203,7 @@ def test_benchmark_skips_bf16_on_a_cpu_without_it_and_says_why(capsys, cpu_witho
     monkeypatch.setattr(
         benchmark_step, "matmul_peak", lambda d, dtype, *a, **k: measured.append(dtype) or original(d, dtype, *a, **k)
     )
-    benchmark_step.main(
-        [
-            "--device",
-            "cpu",
-            "--models",
-            "vit_micro_patch4_48",
-            "--batch_size",
-            "2",
-            "--steps",
-            "1",
-            "--collator_seconds",
-            "0.05",
-            "--peak_size",
-            "128",
-        ]
-    )
+    benchmark_step.main(SMOKE_RUN)
     out = capsys.readouterr().out
     assert "bf16 skipped: this CPU has no native bf16" in out and "400x the time of fp32" in out
     rows = [line.split() for line in out.splitlines() if line.startswith("vit_micro_patch4_48 ")]
