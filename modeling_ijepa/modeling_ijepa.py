@@ -165,7 +165,7 @@ def sdpa_attention_forward(
     scaled, and torch's CPU softmax, which accumulates bf16 in float32 itself, writes bf16 directly: no float32 copy of
     the scores in forward or backward.
     """
-    if attention_mask is not None and getattr(module.config, "padded_attention", "mask") == "nested":
+    if attention_mask is not None and module.config.padded_attention == "nested":
         return nested_sdpa_attention_forward(module, query, key, value, scaling, dropout, attention_mask)
     if query.device.type == "cpu" and query.dtype == torch.bfloat16:
         scores = torch.matmul(query * scaling, key.transpose(-2, -1))

@@ -205,7 +205,11 @@ def build_train_dataset(data_args: DataArguments, training_args: IJepaTrainingAr
 
 
 def build_knn_monitor(data_args: DataArguments, training_args: IJepaTrainingArguments, image_processor, image_size):
-    """The k-NN monitor that pre-training's evaluation runs, or `None` when `--eval_strategy no`."""
+    """
+    The k-NN monitor that pre-training's evaluation runs, or `None` when `--eval_strategy no`. When the recipe's
+    monitor falls on a training folder without class sub-folders, it turns evaluation and best-model selection off in
+    `training_args` (logged) and returns `None`.
+    """
     if training_args.eval_strategy == "no":
         return None
     if data_args.dataset_name and not data_args.monitor_train_dir:
