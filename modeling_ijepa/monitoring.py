@@ -16,6 +16,7 @@ training batches or the random state a resumed run restores.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable
 
@@ -177,7 +178,8 @@ class KnnMonitor:
         Score `encoder` (e.g. `IJepaForPreTraining.get_encoder()`, the target encoder).
 
         Returns:
-            `{"knn_accuracy": accuracy in [0, 1], "knn_seconds": wall time of this evaluation}`.
+            `{"knn_accuracy": accuracy in [0, 1], "knn_accuracy_stderr": its binomial standard error
+            sqrt(accuracy * (1 - accuracy) / query images), "knn_seconds": wall time of this evaluation}`.
         """
         start = time.perf_counter()
         train_features = self.encode(encoder, self.train_pixels, device, autocast)
@@ -185,7 +187,8 @@ class KnnMonitor:
         accuracy = knn_accuracy(
             train_features, self.train_labels, eval_features, self.eval_labels, k=self.k, temperature=self.temperature
         )
-        return {"knn_accuracy": accuracy, "knn_seconds": time.perf_counter() - start}
+        stderr = math.sqrt(accuracy * (1.0 - accuracy) / len(self.eval_labels))
+        return {"knn_accuracy": accuracy, "knn_accuracy_stderr": stderr, "knn_seconds": time.perf_counter() - start}
 
 
 __all__ = ["KnnMonitor", "load_knn_monitor_datasets"]

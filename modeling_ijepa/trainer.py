@@ -8,6 +8,7 @@ transformers / accelerate internals this module relies on (check them when upgra
 - `Trainer._save_checkpoint` and `transformers.trainer.PREFIX_CHECKPOINT_DIR` (swapped for the staging name during a
   save), `transformers.trainer.rotate_checkpoints` (re-applied after the rename): atomic checkpoints;
 - `Trainer._load_from_checkpoint` (overridden to load through `from_pretrained`, which maps our vanilla key names);
+- `Trainer._determine_best_metric` and `TrainerState.best_metric` / `best_global_step` (`best_model_rule`);
 - `Trainer.create_accelerator_and_postprocess` and `Trainer.is_fsdp_enabled`, `Accelerator._dataloaders` (a streamed
   loader prepared here is registered like the Trainer's own); accelerate's `AcceleratorState` / `PartialState`
   distributed type and FSDP plugin (set for CPU FSDP2 in `distributed.py`, where accelerate stops at MULTI_CPU).
@@ -58,6 +59,33 @@ def effective_rank(features: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------------------
+BEST_MODEL_RULES = ("best", "latest_within_stderr")
+
+
+def choose_checkpoint(
+    scores: dict[int, tuple[float, float]], rule: str = "best", greater_is_better: bool = True
+) -> int:
+    """
+    The step whose checkpoint a `best_model_rule` keeps, from the evaluation scores `{step: (score, standard error)}`.
+
+    - `"best"`: the first step with the best score (the Trainer's rule);
+    - `"latest_within_stderr"`: the latest step whose score is within one standard error (the one logged with the
+      best score) of the best score: the one-standard-error rule, which favours the longer-trained checkpoint among
+      those a noisy monitor cannot tell apart.
+    """
+    if rule not in BEST_MODEL_RULES:
+        raise ValueError(f"best_model_rule must be one of {list(BEST_MODEL_RULES)}, got {rule!r}.")
+    if not scores:
+        raise ValueError("choose_checkpoint needs at least one evaluated step.")
+    sign = 1.0 if greater_is_better else -1.0
+    steps = sorted(scores)
+    best = max(steps, key=lambda step: (sign * scores[step][0], -step))  # the first of equal best scores
+    if rule == "best":
+        return best
+    threshold = sign * scores[best][0] - scores[best][1]
+    return max(step for step in steps if sign * scores[step][0] >= threshold)
+
+
 @dataclass
 class IJepaTrainingArguments(TrainingArguments):
     """[`~transformers.TrainingArguments`] plus the I-JEPA schedules (defaults: the official ViT-H/14 recipe)."""
@@ -79,6 +107,26 @@ class IJepaTrainingArguments(TrainingArguments):
     monitor_collapse: bool = field(
         default=True, metadata={"help": "Log target-feature std and effective rank at every logging step."}
     )
+    best_model_rule: str = field(
+        default="best",
+        metadata={
+            "help": "How `metric_for_best_model` picks the best checkpoint: 'best' (the Trainer's rule: the highest "
+            "score) or 'latest_within_stderr' (the latest checkpoint scoring within one standard error of the "
+            "highest, the one-standard-error rule: a noisy monitor does not pick an early checkpoint by luck; the "
+            "evaluation must report the metric's standard error as `<metric>_stderr`, as the k-NN monitor does).",
+            "choices": list(BEST_MODEL_RULES),
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.best_model_rule not in BEST_MODEL_RULES:
+            raise ValueError(f"best_model_rule must be one of {list(BEST_MODEL_RULES)}, got {self.best_model_rule!r}.")
+        if self.best_model_rule != "best" and self.metric_for_best_model is None:
+            raise ValueError(
+                f"best_model_rule={self.best_model_rule!r} picks among evaluated checkpoints: set "
+                "metric_for_best_model too (e.g. knn_accuracy with the k-NN monitor)."
+            )
 
 
 class _IJepaScheduleCallback(TrainerCallback):
@@ -114,7 +162,8 @@ class IJepaTrainer(Trainer):
     - checkpoints are written to a staging folder and renamed, so a kill during a save never leaves a partial one;
     - with a `knn_monitor` ([`~modeling_ijepa.monitoring.KnnMonitor`]), [`evaluate`] scores the frozen target encoder
       by k-NN on labelled images (`eval_knn_accuracy`), so `eval_strategy` / `eval_steps` schedule it and
-      `metric_for_best_model="knn_accuracy"` with `load_best_model_at_end` keeps the best encoder, not the last;
+      `metric_for_best_model="knn_accuracy"` with `load_best_model_at_end` keeps the best encoder, not the last
+      (`best_model_rule="latest_within_stderr"`: the latest one within a standard error of the best score);
     - distributed runs: the mode the run really trains in is logged (`distributed_mode`); FSDP2 (`--use_fsdp
       --fsdp_version 2`, or `fsdp`/`fsdp_config` arguments) shards encoder, predictor and target encoder per
       `IJepaLayer` and at the root, on GPUs and on CPU (gloo) alike, with the EMA update on the local shards;
@@ -333,9 +382,9 @@ class IJepaTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """
         With a `knn_monitor`: k-NN accuracy of the frozen target encoder on the monitor's images, logged and returned
-        as `{prefix}_knn_accuracy` (plus `{prefix}_runtime`); no gradient, no random number, no data-loader state is
-        touched, so the training that follows is the same as without evaluation. Without one: the Trainer's own
-        evaluation of `eval_dataset`.
+        as `{prefix}_knn_accuracy` with its standard error `{prefix}_knn_accuracy_stderr` (plus `{prefix}_runtime`);
+        no gradient, no random number, no data-loader state is touched, so the training that follows is the same as
+        without evaluation. Without one: the Trainer's own evaluation of `eval_dataset`.
         """
         if self.knn_monitor is None:
             return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
@@ -348,11 +397,39 @@ class IJepaTrainer(Trainer):
         scores = self.knn_monitor.evaluate(
             self._ijepa_model().get_encoder(), device=self.args.device, autocast=self.autocast_smart_context_manager
         )
-        metrics = {f"{metric_key_prefix}_knn_accuracy": scores["knn_accuracy"]}
+        names = [name for name in ("knn_accuracy", "knn_accuracy_stderr") if name in scores]
+        metrics = {f"{metric_key_prefix}_{name}": scores[name] for name in names}
         metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - start, 4)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def _determine_best_metric(self, metrics: dict[str, float], trial) -> bool:
+        """
+        Whether this evaluation's checkpoint becomes the best one. `best_model_rule="best"`: the Trainer's rule.
+        `"latest_within_stderr"`: [`choose_checkpoint`] over every score logged so far (the log history holds them,
+        so the rule survives a resume); `state.best_metric` is the chosen checkpoint's score.
+        """
+        if self.args.best_model_rule == "best":
+            return super()._determine_best_metric(metrics=metrics, trial=trial)
+        key = self.args.metric_for_best_model
+        key = key if key.startswith("eval_") else f"eval_{key}"
+        for name in (key, f"{key}_stderr"):
+            if name not in metrics:
+                raise KeyError(
+                    f"best_model_rule={self.args.best_model_rule!r} needs {name!r} in the evaluation metrics, which "
+                    f"has {sorted(metrics)}: evaluate with the k-NN monitor (metric_for_best_model knn_accuracy), or "
+                    "use best_model_rule best."
+                )
+        step = self.state.global_step
+        scores = {e["step"]: (e[key], e[f"{key}_stderr"]) for e in self.state.log_history if f"{key}_stderr" in e}
+        scores[step] = (metrics[key], metrics[f"{key}_stderr"])
+        if choose_checkpoint(scores, self.args.best_model_rule, self.args.greater_is_better) != step:
+            return False
+        self.state.best_metric = metrics[key]
+        if self.args.save_strategy in ("steps", "epoch", "best"):
+            self.state.best_global_step = step
+        return True
 
     # -- checkpoints ------------------------------------------------------------------------------------------------
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:

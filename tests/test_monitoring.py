@@ -68,6 +68,8 @@ def test_monitor_subsets_and_scores_deterministically_without_touching_the_rng(m
     assert encoder.training  # restored after the evaluation in eval mode
     assert 0.0 <= first["knn_accuracy"] <= 1.0
     assert monitor.evaluate(encoder)["knn_accuracy"] == first["knn_accuracy"]
+    accuracy = first["knn_accuracy"]  # binomial standard error over the 40 query images
+    assert first["knn_accuracy_stderr"] == pytest.approx((accuracy * (1 - accuracy) / 40) ** 0.5)
 
 
 def test_monitor_accuracy_is_the_knn_accuracy_of_pooled_features(monitor):
@@ -116,12 +118,16 @@ def test_evaluation_changes_nothing_in_training_and_resume_stays_exact(tmp_path,
 class _ScriptedMonitor:
     """A monitor whose k-NN accuracy at successive evaluations is given in advance."""
 
-    def __init__(self, monitor: KnnMonitor, scores: list[float]):
+    def __init__(self, monitor: KnnMonitor, scores: list[float], stderr: float | None = None):
         self.eval_dataset = monitor.eval_dataset
         self.scores = list(scores)
+        self.stderr = stderr
 
     def evaluate(self, encoder, device=None, autocast=None) -> dict[str, float]:
-        return {"knn_accuracy": self.scores.pop(0), "knn_seconds": 0.0}
+        scores = {"knn_accuracy": self.scores.pop(0), "knn_seconds": 0.0}
+        if self.stderr is not None:
+            scores["knn_accuracy_stderr"] = self.stderr
+        return scores
 
 
 def test_best_encoder_by_knn_accuracy_is_kept_at_the_end(tmp_path, monitor):
@@ -141,6 +147,68 @@ def test_best_encoder_by_knn_accuracy_is_kept_at_the_end(tmp_path, monitor):
     for name, value in trainer.model.state_dict().items():
         torch.testing.assert_close(value, best[name], rtol=0, atol=0, msg=name)
     assert not torch.equal(best["target_encoder.layernorm.weight"], last["target_encoder.layernorm.weight"])
+
+
+@pytest.mark.parametrize(
+    ("rule", "scores", "chosen"),
+    [
+        ("best", [0.60, 0.62, 0.58], 4),
+        ("latest_within_stderr", [0.60, 0.62, 0.58], 6),  # 0.58 is within 0.05 of 0.62: the later one is kept
+    ],
+)
+def test_best_model_rule_picks_the_latest_checkpoint_within_a_standard_error(tmp_path, monitor, rule, scores, chosen):
+    trainer = _trainer(
+        tmp_path,
+        knn_monitor=_ScriptedMonitor(monitor, scores, stderr=0.05),
+        save_total_limit=2,
+        metric_for_best_model="knn_accuracy",
+        load_best_model_at_end=True,
+        best_model_rule=rule,
+    )
+    trainer.train()
+    assert trainer.state.best_model_checkpoint == str(tmp_path / f"checkpoint-{chosen}")
+    assert trainer.state.best_metric == scores[chosen // 2 - 1]
+    logged = [e["eval_knn_accuracy_stderr"] for e in trainer.state.log_history if "eval_knn_accuracy" in e]
+    assert logged == [0.05] * 3
+    kept = IJepaForPreTraining.from_pretrained(tmp_path / f"checkpoint-{chosen}").state_dict()
+    for name, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(value, kept[name], rtol=0, atol=0, msg=name)
+
+
+def test_choose_checkpoint_rules():
+    from modeling_ijepa.trainer import choose_checkpoint
+
+    scores = {2: (0.70, 0.05), 4: (0.66, 0.05), 6: (0.50, 0.05)}
+    assert choose_checkpoint(scores, "best") == 2
+    assert choose_checkpoint(scores, "latest_within_stderr") == 4  # 0.66 is within 0.05 of 0.70, 0.50 is not
+    assert choose_checkpoint({2: (0.6, 0.0), 4: (0.6, 0.0)}, "best") == 2  # ties: the first, as the Trainer does
+    assert choose_checkpoint({2: (0.6, 0.0), 4: (0.6, 0.0)}, "latest_within_stderr") == 4
+    losses = {2: (1.0, 0.1), 4: (0.8, 0.1), 6: (0.85, 0.1), 8: (0.95, 0.1)}  # lower is better
+    assert choose_checkpoint(losses, "best", greater_is_better=False) == 4
+    assert choose_checkpoint(losses, "latest_within_stderr", greater_is_better=False) == 6
+    with pytest.raises(ValueError, match="must be one of"):
+        choose_checkpoint(scores, "smoothest")
+
+
+def test_best_model_rule_reads_the_scores_of_the_log_history(tmp_path, monitor):
+    """After a resume the earlier scores come back with the log history, and the rule compares with them."""
+    trainer = _trainer(
+        tmp_path, knn_monitor=monitor, metric_for_best_model="knn_accuracy", best_model_rule="latest_within_stderr"
+    )
+    trainer.state.log_history = [{"eval_knn_accuracy": 0.8, "eval_knn_accuracy_stderr": 0.02, "step": 2}]
+    trainer.state.global_step = 4
+    assert not trainer._determine_best_metric({"eval_knn_accuracy": 0.77, "eval_knn_accuracy_stderr": 0.02}, None)
+    assert trainer._determine_best_metric({"eval_knn_accuracy": 0.79, "eval_knn_accuracy_stderr": 0.02}, None)
+    assert (trainer.state.best_metric, trainer.state.best_global_step) == (0.79, 4)
+    with pytest.raises(KeyError, match="eval_knn_accuracy_stderr"):
+        trainer._determine_best_metric({"eval_knn_accuracy": 0.79}, None)
+
+
+def test_bad_best_model_rules_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="best_model_rule must be one of"):
+        IJepaTrainingArguments(output_dir=str(tmp_path), best_model_rule="smoothest")
+    with pytest.raises(ValueError, match="set metric_for_best_model too"):
+        IJepaTrainingArguments(output_dir=str(tmp_path), best_model_rule="latest_within_stderr")
 
 
 def test_monitor_and_eval_dataset_are_exclusive(tmp_path, monitor):

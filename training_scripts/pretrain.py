@@ -385,12 +385,19 @@ def main(argv: list[str] | None = None) -> str:
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         if losses:
             logger.info("loss %.4f at the first logging step -> %.4f at the last", losses[0], losses[-1])
-        knn = [(e["step"], e["eval_knn_accuracy"]) for e in trainer.state.log_history if "eval_knn_accuracy" in e]
+        knn = [e for e in trainer.state.log_history if "eval_knn_accuracy" in e]
         if knn:
-            logger.info("k-NN accuracy by step: %s", ", ".join(f"{step}: {value:.3f}" for step, value in knn))
+            logger.info(
+                "k-NN accuracy by step (± its standard error): %s",
+                ", ".join(
+                    f"{e['step']}: {e['eval_knn_accuracy']:.3f} ± {e.get('eval_knn_accuracy_stderr', 0):.3f}"
+                    for e in knn
+                ),
+            )
         if training_args.load_best_model_at_end and trainer.state.best_model_checkpoint:
             logger.info(
-                "saved encoder: the best by %s (%s, %.4f)",
+                "saved encoder: the %s by %s (%s, %.4f)",
+                "best" if training_args.best_model_rule == "best" else "latest within a standard error of the best",
                 training_args.metric_for_best_model,
                 trainer.state.best_model_checkpoint,
                 trainer.state.best_metric,
