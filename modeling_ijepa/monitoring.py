@@ -44,17 +44,15 @@ def load_knn_monitor_datasets(
 
     Sources: `train_dir` and `eval_dir` (imagefolders with one sub-folder per class, or parquet files with a label
     column); `train_dir` alone, split into reference and query by a seeded `eval_fraction` split; neither: the
-    embedded digits (train 1200 / test 597, at `image_size`).
+    embedded digits' training split (1200 images at `image_size`), split the same way. The monitor chooses the saved
+    encoder, so it never reads the digits' test split, on which the evaluation scripts report.
 
     Returns:
         `(train_dataset, eval_dataset)`.
     """
     if eval_dir and not train_dir:
         raise ValueError("A k-NN monitor query folder (eval_dir) needs a reference folder too: pass train_dir.")
-    if not train_dir:
-        train = load_image_dataset(split="train", image_size=image_size)
-        evaluation = load_image_dataset(split="test", image_size=image_size)
-    elif eval_dir:
+    if eval_dir:
         train = load_image_dataset(train_dir=train_dir, split="train", image_size=image_size)
         evaluation = load_image_dataset(train_dir=train_dir, validation_dir=eval_dir, split="validation")
     else:

@@ -83,6 +83,16 @@ def test_monitor_accuracy_is_the_knn_accuracy_of_pooled_features(monitor):
     assert monitor.evaluate(encoder)["knn_accuracy"] == pytest.approx(expected, abs=1e-9)
 
 
+def test_the_digits_monitor_never_reads_the_test_split():
+    """The monitor picks the saved encoder: on the embedded digits it splits their training images, like a folder's."""
+    train, evaluation = load_knn_monitor_datasets(image_size=48)
+    assert (len(train), len(evaluation)) == (960, 240)
+    digits = load_digits_dataset(48).cast_column("image", evaluation.features["image"])  # undecoded: PNG bytes
+    assert len(digits["train"]) == 1200 and len(digits["test"]) == 597
+    training_images = {image["bytes"] for image in digits["train"]["image"]}
+    assert all(image["bytes"] in training_images for image in [*train["image"], *evaluation["image"]])
+
+
 def test_bad_monitor_settings_are_refused():
     train, evaluation = load_knn_monitor_datasets(image_size=48)
     with pytest.raises(ValueError, match="k must be at least 1"):
