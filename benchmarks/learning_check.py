@@ -20,6 +20,7 @@ of `--subset_size` seeds, the check is applied as if those seeds had been run al
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import math
@@ -49,6 +50,20 @@ def evaluate_encoder(
     linear = probe.main([*common, "--report_to", "none", "--output_dir", str(output_dir / "linear_probe")])
     neighbours = knn.main([*common, "--output_dir", str(output_dir / "knn")])
     return {"linear": 100.0 * linear["accuracy"], "knn": 100.0 * neighbours["accuracy"]}
+
+
+def pretrain_settings(pretrain_args: list[str]) -> dict:
+    """
+    What a cached pre-training run is keyed on ([`run_once`]): its `pretrain.py` flags and, when they name a recipe
+    (`--config`), a digest of that recipe file's text, so that the runs of an edited recipe are never reused.
+    """
+    from modeling_ijepa.cli import resolve_recipe
+
+    settings = {"pretrain_args": list(pretrain_args)}
+    if "--config" in pretrain_args:
+        recipe = resolve_recipe(pretrain_args[pretrain_args.index("--config") + 1])
+        settings["recipe_sha256"] = hashlib.sha256(recipe.read_bytes()).hexdigest()[:16]
+    return settings
 
 
 def run_once(run_dir: Path, compute, settings: dict | None = None) -> dict:

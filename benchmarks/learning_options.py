@@ -43,7 +43,14 @@ import torch
 if not __package__:  # run as a file: import `benchmarks` / `training_scripts` from the repository root, as -m does
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from benchmarks.learning_check import METRICS, evaluate_encoder, gain_and_spread, pretrain_seed, run_once  # noqa: E402
+from benchmarks.learning_check import (  # noqa: E402
+    METRICS,
+    evaluate_encoder,
+    gain_and_spread,
+    pretrain_seed,
+    pretrain_settings,
+    run_once,
+)
 from training_scripts import knn_eval, linear_probe  # noqa: E402
 
 
@@ -273,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                 *(["--config_overrides", overrides_flag(overrides)] if overrides else []),
                 *args.pretrain_args,
             ]
-            settings = {"pretrain_args": pretrain_args}
+            settings = pretrain_settings(pretrain_args)
             row = run_once(run_dir, lambda: pretrain_and_evaluate(seed, run_dir, pretrain_args, steps), settings)
             runs[name].append({"seed": seed, **row})
             print(f"[seed {seed}] {name}: {row}; random init {random_row}", flush=True)

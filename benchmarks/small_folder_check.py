@@ -34,7 +34,14 @@ from pathlib import Path
 if not __package__:  # run as a file: import `benchmarks` / `training_scripts` from the repository root, as -m does
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from benchmarks.learning_check import METRICS, evaluate_encoder, gain_and_spread, pretrain_seed, run_once  # noqa: E402
+from benchmarks.learning_check import (  # noqa: E402
+    METRICS,
+    evaluate_encoder,
+    gain_and_spread,
+    pretrain_seed,
+    pretrain_settings,
+    run_once,
+)
 from benchmarks.photo_folder import PHOTO_SETS, write_photo_folder  # noqa: E402
 
 
@@ -99,7 +106,7 @@ def check_dataset(name: str, recipes: list[str], seeds: list[int], args: argpars
                 scores = evaluate_encoder(encoder, seed, run_dir, linear_probe, knn_eval, data_args)
                 return {"seed": seed, "pretrain_minutes": minutes, **scores}
 
-            results[recipe_label(recipe)].append(run_once(run_dir, pretrained, {"pretrain_args": pretrain_args}))
+            results[recipe_label(recipe)].append(run_once(run_dir, pretrained, pretrain_settings(pretrain_args)))
             row, random_row = results[recipe_label(recipe)][-1], results["random"][-1]
             print(
                 f"[{dataset_label(name)} / {recipe} / seed {seed}] linear {row['linear']:.1f} 20-NN {row['knn']:.1f} "

@@ -58,6 +58,17 @@ def test_run_once_computes_once_and_refuses_other_settings(tmp_path):
         learning_check.run_once(tmp_path, compute, {"a": 2})
 
 
+def test_cached_runs_of_an_edited_recipe_are_not_reused(tmp_path):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("max_steps: 300\n")
+    before = learning_check.pretrain_settings(["--config", str(recipe), "--seed", "1"])
+    assert before["pretrain_args"] == ["--config", str(recipe), "--seed", "1"] and len(before["recipe_sha256"]) == 16
+    assert learning_check.pretrain_settings(["--config", str(recipe), "--seed", "1"]) == before
+    recipe.write_text("max_steps: 900\n")
+    assert learning_check.pretrain_settings(["--config", str(recipe), "--seed", "1"]) != before
+    assert learning_check.pretrain_settings(["--seed", "1"]) == {"pretrain_args": ["--seed", "1"]}
+
+
 def test_dataset_folder_names_what_a_folder_lacks(tmp_path):
     assert small_folder_check.dataset_folder("digits", tmp_path) is None
     (tmp_path / "mine" / "train").mkdir(parents=True)
@@ -79,7 +90,7 @@ def test_check_dataset_reads_cached_runs_and_gives_the_verdict(tmp_path, monkeyp
         run_dir = tmp_path / "digits" / f"small-folder-seed{seed}"
         run_dir.mkdir(parents=True)
         result = {"seed": seed, "linear": 95.0, "knn": 61.0 + seed}
-        settings = {"pretrain_args": ["--config", "small-folder"]}
+        settings = learning_check.pretrain_settings(["--config", "small-folder"])
         (run_dir / "result.json").write_text(json.dumps({"settings": settings, "result": result}))
     monkeypatch.setattr(small_folder_check, "pretrain_seed", lambda *a, **k: pytest.fail("ran a cached run"))
     check = small_folder_check.check_dataset("digits", ["small-folder"], [0, 1, 2], args)
@@ -88,3 +99,43 @@ def test_check_dataset_reads_cached_runs_and_gives_the_verdict(tmp_path, monkeyp
     assert verdict["knn"] == {"gain": 1.0, "spread": 2.0, "pass": False}
     table = "\n".join(small_folder_check.results_table({"digits": check}, [0, 1, 2]))
     assert "| digits | `small-folder` | 95.0 ± 0.0 | 62.0 ± 1.0 | +4.0 / 2.0 | +1.0 / 2.0 | FAIL |" in table
+
+
+def test_checkpoint_selection_scores_what_each_rule_picks(tmp_path, monkeypatch):
+    """Cached runs stand in for training: each rule's pick, its validation scores, the verdict against random init."""
+    import argparse
+
+    from benchmarks import checkpoint_selection
+
+    args = argparse.Namespace(
+        output_dir=str(tmp_path), preset="vit_micro_patch4_48", pretrain_args=[], recipe="small-folder", seeds=[0, 1]
+    )
+    monitor = {"50": [0.70, 0.02], "100": [0.69, 0.02], "150": [0.60, 0.02]}  # best 50; 100 within one error
+    checkpoints = {"50": {"linear": 80.0, "knn": 70.0}, "100": {"linear": 85.0, "knn": 69.0}}
+    checkpoints["150"] = {"linear": 86.0, "knn": 60.0}
+    for seed in range(2):
+        random_dir = tmp_path / "digits" / f"random-seed{seed}"
+        random_dir.mkdir(parents=True)
+        result = {"seed": seed, "linear": 80.0 + seed, "knn": 60.0 + seed}
+        settings = {"model": "random:vit_micro_patch4_48"}
+        (random_dir / "result.json").write_text(json.dumps({"settings": settings, "result": result}))
+        run_dir = tmp_path / "digits" / f"small-folder-checkpoints-seed{seed}"
+        run_dir.mkdir(parents=True)
+        result = {"seed": seed, "monitor": monitor, "checkpoints": checkpoints}
+        flags = ["--config", "small-folder", *checkpoint_selection.KEEP_EVERY_CHECKPOINT]
+        settings = learning_check.pretrain_settings(flags)
+        (run_dir / "result.json").write_text(json.dumps({"settings": settings, "result": result}))
+    monkeypatch.setattr(checkpoint_selection, "pretrain_seed", lambda *a, **k: pytest.fail("ran a cached run"))
+    check = checkpoint_selection.check_dataset("digits", args)
+    assert {rule: verdict["steps"] for rule, verdict in check["rules"].items()} == {
+        "last": [150, 150],
+        "best": [50, 50],
+        "latest_within_stderr": [100, 100],
+    }
+    within = check["rules"]["latest_within_stderr"]
+    assert within["linear"]["gain"] == pytest.approx(4.5) and within["linear"]["pass"]
+    assert within["knn"]["gain"] == pytest.approx(8.5) and within["knn"]["pass"]
+    assert not check["rules"]["last"]["knn"]["pass"]  # 60.0 against 60.5: no gain
+    table = "\n".join(checkpoint_selection.results_table({"digits": check}, args))
+    row = "| digits | `latest_within_stderr` | 100 100 | 85.0 ± 0.0 | 69.0 ± 0.0 | +4.5 / 1.0 | +8.5 / 1.0 | PASS |"
+    assert row in table
