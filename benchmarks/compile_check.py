@@ -7,11 +7,12 @@
     python benchmarks/compile_check.py --modes fsdp2 --steps 3
 
 Each distributed mode is one `torchrun --nproc_per_node 2` launch of this file (`--worker`). In it, every process
-trains a small model (2-block width-32 encoder and predictor on the 48 px / patch-4 grid, 4 images per process and
-step, the embedded digits) twice from the same initial weights, with the same crops and masks: eager, then compiled
-with inductor (`TrainingArguments(torch_compile=True)`, which accelerate applies after DDP wrapping, or after
-`fully_shard` under FSDP2). FSDP2 is requested the way `accelerate launch --use_fsdp --fsdp_version 2` requests it,
-so the CPU run goes through `IJepaTrainer`'s FSDP2 set-up (`modeling_ijepa/distributed.py`).
+trains the toy run of `benchmarks/toy_run.py` (the one tests/test_fsdp.py shards: 2-block width-32 encoder and
+predictor on the 48 px / patch-4 grid, 4 digits per process and step) twice from the same initial weights, with the
+same crops and masks: eager, then compiled with inductor (`TrainingArguments(torch_compile=True)`, which accelerate
+applies after DDP wrapping, or after `fully_shard` under FSDP2). FSDP2 is requested the way `accelerate launch
+--use_fsdp --fsdp_version 2` requests it, so the CPU run goes through `IJepaTrainer`'s FSDP2 set-up
+(`modeling_ijepa/distributed.py`).
 
 The check passes when, on every process, every step's logged loss of the compiled run equals the eager one within
 `--tolerance`. The table also shows the largest weight difference after the last step, the training time of each run
@@ -34,20 +35,21 @@ import time
 from pathlib import Path
 
 
+if not __package__:  # run as a file (also by torchrun): import `benchmarks` from the repository root, as -m does
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks.toy_run import (  # noqa: E402
+    FSDP2_LAUNCH_ENV,
+    WORLD_SIZE,
+    build_collator,
+    build_dataset,
+    build_model,
+    training_arguments,
+)
+
+
 ROOT = Path(__file__).resolve().parents[1]
-WORLD_SIZE = 2
-PER_PROCESS_BATCH = 4
-MASK_SEED = 1
-# What `accelerate launch --use_fsdp --fsdp_version 2 --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP
-# --fsdp_transformer_layer_cls_to_wrap IJepaLayer --fsdp_state_dict_type SHARDED_STATE_DICT` sets.
-FSDP2_ENV = {
-    "ACCELERATE_USE_FSDP": "true",
-    "FSDP_VERSION": "2",
-    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
-    "FSDP_TRANSFORMER_CLS_TO_WRAP": "IJepaLayer",
-    "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
-}
-MODES = {"ddp": {}, "fsdp2": FSDP2_ENV}
+MODES = {"ddp": {}, "fsdp2": FSDP2_LAUNCH_ENV}
 VARIANTS = ("eager", "compiled")
 
 
@@ -74,63 +76,19 @@ def compare_losses(eager: list[float], compiled: list[float], steps: int, tolera
 # ------------------------------------------------------------------------------------------------------------------
 # Worker: one process of a torchrun launch
 # ------------------------------------------------------------------------------------------------------------------
-def _build_model(seed: int = 0):
-    import torch
-
-    from modeling_ijepa import IJepaConfig, IJepaForPreTraining
-
-    config = IJepaConfig.from_preset(
-        "vit_micro_patch4_48",
-        hidden_size=32,
-        num_hidden_layers=2,
-        intermediate_size=64,
-        predictor_hidden_size=16,
-        predictor_num_hidden_layers=2,
-    )
-    torch.manual_seed(seed)
-    return IJepaForPreTraining(config)
-
-
 def _train(variant: str, rank: int, steps: int, out: Path) -> dict:
     """`steps` optimiser steps of `IJepaTrainer`, eager or compiled; the logged losses, weights and timings."""
     import torch
     import torch._dynamo
     from transformers import TrainerCallback
 
-    from modeling_ijepa.data import IJepaPretrainingCollator, default_image_processor, load_digits_dataset
-    from modeling_ijepa.masking import IJepaMaskCollator
-    from modeling_ijepa.trainer import IJepaTrainer, IJepaTrainingArguments
+    from modeling_ijepa.trainer import IJepaTrainer
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    model = _build_model()
-    masks = IJepaMaskCollator.from_config(model.config, seed=MASK_SEED + 1_000_003 * rank)
-    collator = IJepaPretrainingCollator(masks, default_image_processor(model.config.image_size))
-    args = IJepaTrainingArguments(
-        output_dir=str(out / variant),
-        use_cpu=True,
-        max_steps=steps,
-        per_device_train_batch_size=PER_PROCESS_BATCH,
-        learning_rate=3e-3,
-        start_lr=1e-3,
-        warmup_steps=1,
-        max_grad_norm=1.0,
-        ema_momentum_start=0.5,
-        ema_momentum_end=0.9,
-        save_strategy="no",
-        logging_steps=1,
-        report_to=[],
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
-        torch_compile=variant == "compiled",
-    )
-    trainer = IJepaTrainer(
-        model=model,
-        args=args,
-        train_dataset=load_digits_dataset(48)["train"].select(range(64)),
-        data_collator=collator,
-    )
+    model = build_model()
+    args = training_arguments(out / variant, max_steps=steps, save_strategy="no", torch_compile=variant == "compiled")
+    trainer = IJepaTrainer(model=model, args=args, train_dataset=build_dataset(), data_collator=build_collator(rank))
     compiled_steps = []
 
     class _SeeCompiled(TrainerCallback):

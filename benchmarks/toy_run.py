@@ -1,4 +1,9 @@
-"""The run tests/test_fsdp.py trains twice: sharded over 2 processes (tests/fsdp_worker.py) and in one process."""
+"""
+The toy distributed run that `tests/test_fsdp.py` (with `tests/fsdp_worker.py`) and `benchmarks/compile_check.py`
+train: a 2-block width-32 encoder and predictor on the 48 px / patch-4 grid, 4 digits per process and step, crops and
+masks seeded per process as `pretrain.py` seeds them, and the launch environment of `accelerate launch --use_fsdp
+--fsdp_version 2`. One definition, so the test and the benchmark train the same thing.
+"""
 
 from pathlib import Path
 
@@ -10,6 +15,15 @@ SAVE_STEPS = 2
 PER_RANK_BATCH = 4
 WORLD_SIZE = 2
 MASK_SEED = 1
+# What `accelerate launch --use_fsdp --fsdp_version 2 --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP
+# --fsdp_transformer_layer_cls_to_wrap IJepaLayer --fsdp_state_dict_type SHARDED_STATE_DICT` puts in the environment.
+FSDP2_LAUNCH_ENV = {
+    "ACCELERATE_USE_FSDP": "true",
+    "FSDP_VERSION": "2",
+    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+    "FSDP_TRANSFORMER_CLS_TO_WRAP": "IJepaLayer",
+    "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
+}
 
 
 def build_model(seed: int = 0):

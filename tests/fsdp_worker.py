@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-# Run as a file by torchrun: tests/ is on the import path as the script's folder, the repository root through the
-# PYTHONPATH that tests/test_fsdp.py sets.
-from fsdp_common import (
+# Run as a file by torchrun: the repository root is on the import path through the PYTHONPATH that tests/test_fsdp.py
+# sets.
+from benchmarks.toy_run import (
     MAX_STEPS,
     SAVE_STEPS,
     build_collator,
@@ -35,7 +35,6 @@ from fsdp_common import (
     build_model,
     training_arguments,
 )
-
 from modeling_ijepa.trainer import IJepaTrainer
 from training_scripts import pretrain
 

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from fsdp_common import (
+
+from benchmarks.toy_run import (
+    FSDP2_LAUNCH_ENV,
     MAX_STEPS,
     WORLD_SIZE,
     RankInterleavedCollator,
@@ -25,22 +27,12 @@ from fsdp_common import (
     build_model,
     training_arguments,
 )
-
 from modeling_ijepa.distributed import LOCK_FILE_NAME, describe_distributed_mode
 from modeling_ijepa.trainer import IJepaTrainer
 
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# What `accelerate launch --use_fsdp --fsdp_version 2 --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP
-# --fsdp_transformer_layer_cls_to_wrap IJepaLayer --fsdp_state_dict_type SHARDED_STATE_DICT` puts in the environment.
-FSDP_LAUNCH_ENV = {
-    "ACCELERATE_USE_FSDP": "true",
-    "FSDP_VERSION": "2",
-    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
-    "FSDP_TRANSFORMER_CLS_TO_WRAP": "IJepaLayer",
-    "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
-}
 PARTS = ("encoder.", "predictor.", "target_encoder.")
 
 
@@ -57,7 +49,7 @@ def _assert_close(actual: dict, expected: dict, what: str, atol: float = 1e-5) -
 def sharded_run(tmp_path_factory):
     """The 2-process FSDP2 run (worker) and, meanwhile, the single-process reference run in this process."""
     out = tmp_path_factory.mktemp("fsdp")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", **FSDP_LAUNCH_ENV)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", **FSDP2_LAUNCH_ENV)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     command = [
         sys.executable,
@@ -225,7 +217,7 @@ def test_single_process_run_logs_its_mode(tmp_path):
 
 
 def test_fsdp_requested_in_one_process_fails_naming_the_fix(tmp_path, monkeypatch):
-    for key, value in FSDP_LAUNCH_ENV.items():
+    for key, value in FSDP2_LAUNCH_ENV.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(ValueError, match="FSDP was requested.*--num_processes N"):
         _trainer(tmp_path)
