@@ -99,6 +99,8 @@ def test_small_folder_recipe_is_the_default_schedule_with_vicreg_and_a_shorter_e
     for name in ("max_steps", "learning_rate", "warmup_steps", "per_device_train_batch_size", "eval_steps"):
         assert getattr(args, name) == getattr(default_args, name), name
     assert args.load_best_model_at_end and args.metric_for_best_model == "knn_accuracy"
+    assert args.best_model_rule == "latest_within_stderr" and default_args.best_model_rule == "best"
+    assert (data_args.monitor_max_train_samples, data_args.monitor_max_eval_samples) == (4000, 1000)
 
 
 @pytest.mark.parametrize(
