@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,13 +38,20 @@ if not __package__:  # run as a file: import `benchmarks` / `training_scripts` f
 from benchmarks.learning_check import (  # noqa: E402
     METRICS,
     evaluate_encoder,
-    gain_and_spread,
     pretrain_seed,
     pretrain_settings,
     run_once,
 )
 from benchmarks.photo_folder import PHOTO_SETS  # noqa: E402
-from benchmarks.small_folder_check import dataset_folder, dataset_label, recipe_label  # noqa: E402
+from benchmarks.small_folder_check import (  # noqa: E402
+    dataset_folder,
+    dataset_label,
+    evaluation_data_args,
+    mean_std,
+    metric_verdicts,
+    random_init_row,
+    recipe_label,
+)
 from modeling_ijepa.trainer import BEST_MODEL_RULES, choose_checkpoint  # noqa: E402
 
 
@@ -91,23 +97,14 @@ def chosen(run: dict, rule: str) -> tuple[int, dict[str, float]]:
 
 
 def check_dataset(name: str, args: argparse.Namespace) -> dict:
-    from training_scripts import knn_eval, linear_probe
-
+    """Per seed: random init and every checkpoint's scores; per rule: the steps it picks and the verdict."""
     output_dir = Path(args.output_dir)
     folder = dataset_folder(name, output_dir)
-    data_args = []
-    if folder is not None:
-        data_args = ["--train_dir", str(folder / "train"), "--validation_dir", str(folder / "validation")]
+    data_args = evaluation_data_args(folder)
     base = output_dir / dataset_label(name)
     random_rows, runs = [], []
     for seed in args.seeds:
-        random_dir = base / f"random-seed{seed}"
-
-        def random_init(seed=seed, random_dir=random_dir):
-            model = f"random:{args.preset}"
-            return {"seed": seed, **evaluate_encoder(model, seed, random_dir, linear_probe, knn_eval, data_args)}
-
-        random_rows.append(run_once(random_dir, random_init, {"model": f"random:{args.preset}"}))
+        random_rows.append(random_init_row(seed, base, args.preset, data_args))
         pretrain_args = ["--config", args.recipe, *KEEP_EVERY_CHECKPOINT, *args.pretrain_args]
         if folder is not None:
             pretrain_args += ["--train_dir", str(folder / "train")]
@@ -126,18 +123,14 @@ def check_dataset(name: str, args: argparse.Namespace) -> dict:
     rules = {}
     for rule in RULES:
         picks = [chosen(run, rule) for run in runs]
-        verdict = {"steps": [step for step, _ in picks]}
+        verdict = {
+            "steps": [step for step, _ in picks],
+            **metric_verdicts([scores for _, scores in picks], random_rows),
+        }
         for metric, _ in METRICS:
-            gain, spread = gain_and_spread([scores[metric] for _, scores in picks], [r[metric] for r in random_rows])
-            verdict[metric] = {"values": [scores[metric] for _, scores in picks], "gain": gain, "spread": spread}
-            verdict[metric]["pass"] = gain > spread
+            verdict[metric]["values"] = [scores[metric] for _, scores in picks]
         rules[rule] = verdict
     return {"random": random_rows, "runs": runs, "rules": rules}
-
-
-def _mean_std(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} ± {std:.1f}"
 
 
 def results_table(checks: dict[str, dict], args: argparse.Namespace) -> list[str]:
@@ -153,16 +146,16 @@ def results_table(checks: dict[str, dict], args: argparse.Namespace) -> list[str
     for name, check in checks.items():
         random_rows = check["random"]
         lines.append(
-            f"| {name} | random init | | {_mean_std([r['linear'] for r in random_rows])} | "
-            f"{_mean_std([r['knn'] for r in random_rows])} | | | |"
+            f"| {name} | random init | | {mean_std([r['linear'] for r in random_rows])} | "
+            f"{mean_std([r['knn'] for r in random_rows])} | | | |"
         )
         for rule, verdict in check["rules"].items():
             cells = [f"{verdict[m]['gain']:+.1f} / {verdict[m]['spread']:.1f}" for m, _ in METRICS]
             passed = all(verdict[m]["pass"] for m, _ in METRICS)
             steps = " ".join(map(str, verdict["steps"]))
             lines.append(
-                f"| {name} | `{rule}` | {steps} | {_mean_std(verdict['linear']['values'])} | "
-                f"{_mean_std(verdict['knn']['values'])} | {cells[0]} | {cells[1]} | {'PASS' if passed else 'FAIL'} |"
+                f"| {name} | `{rule}` | {steps} | {mean_std(verdict['linear']['values'])} | "
+                f"{mean_std(verdict['knn']['values'])} | {cells[0]} | {cells[1]} | {'PASS' if passed else 'FAIL'} |"
             )
     return lines
 

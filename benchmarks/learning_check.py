@@ -55,14 +55,16 @@ def evaluate_encoder(
 def pretrain_settings(pretrain_args: list[str]) -> dict:
     """
     What a cached pre-training run is keyed on ([`run_once`]): its `pretrain.py` flags and, when they name a recipe
-    (`--config`), a digest of that recipe file's text, so that the runs of an edited recipe are never reused.
+    (`--config`), a digest of that recipe's values, so that the runs of a recipe whose values changed are never reused
+    (an edited comment changes nothing).
     """
-    from modeling_ijepa.cli import resolve_recipe
+    from modeling_ijepa.cli import load_recipe, resolve_recipe
 
     settings = {"pretrain_args": list(pretrain_args)}
     if "--config" in pretrain_args:
-        recipe = resolve_recipe(pretrain_args[pretrain_args.index("--config") + 1])
-        settings["recipe_sha256"] = hashlib.sha256(recipe.read_bytes()).hexdigest()[:16]
+        values = load_recipe(resolve_recipe(pretrain_args[pretrain_args.index("--config") + 1]))
+        digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+        settings["recipe_sha256"] = digest
     return settings
 
 

@@ -73,25 +73,51 @@ def recipe_label(recipe: str) -> str:
     return Path(recipe).stem
 
 
+def evaluation_data_args(folder: Path | None) -> list[str]:
+    """The evaluation scripts' data flags for a dataset folder (none for the embedded digits)."""
+    if folder is None:
+        return []
+    return ["--train_dir", str(folder / "train"), "--validation_dir", str(folder / "validation")]
+
+
+def random_init_row(seed: int, base: Path, preset: str, data_args: list[str]) -> dict:
+    """Linear probe and 20-NN of `preset` at random init under `seed`, cached in `base/random-seed{seed}`."""
+    from training_scripts import knn_eval, linear_probe
+
+    random_dir = base / f"random-seed{seed}"
+    model = f"random:{preset}"
+    return run_once(
+        random_dir,
+        lambda: {"seed": seed, **evaluate_encoder(model, seed, random_dir, linear_probe, knn_eval, data_args)},
+        {"model": model},
+    )
+
+
+def metric_verdicts(pretrained: list[dict], random_init: list[dict]) -> dict[str, dict]:
+    """Per metric, the learning check's gain, spread and verdict from per-seed rows of both encoders."""
+    verdicts = {}
+    for metric, _ in METRICS:
+        gain, spread = gain_and_spread([row[metric] for row in pretrained], [row[metric] for row in random_init])
+        verdicts[metric] = {"gain": gain, "spread": spread, "pass": gain > spread}
+    return verdicts
+
+
+def mean_std(values: list[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {std:.1f}"
+
+
 def check_dataset(name: str, recipes: list[str], seeds: list[int], args: argparse.Namespace) -> dict:
     """Per-seed results of every recipe and of random init on one dataset, plus the verdict of every recipe."""
     from training_scripts import knn_eval, linear_probe
 
     output_dir = Path(args.output_dir)
     folder = dataset_folder(name, output_dir)
-    data_args = []
-    if folder is not None:
-        data_args = ["--train_dir", str(folder / "train"), "--validation_dir", str(folder / "validation")]
+    data_args = evaluation_data_args(folder)
     base = output_dir / dataset_label(name)
     results = {"random": [], **{recipe_label(recipe): [] for recipe in recipes}}
     for seed in seeds:
-        random_dir = base / f"random-seed{seed}"
-
-        def random_init(seed=seed, random_dir=random_dir):
-            model = f"random:{args.preset}"
-            return {"seed": seed, **evaluate_encoder(model, seed, random_dir, linear_probe, knn_eval, data_args)}
-
-        results["random"].append(run_once(random_dir, random_init, {"model": f"random:{args.preset}"}))
+        results["random"].append(random_init_row(seed, base, args.preset, data_args))
         for recipe in recipes:
             run_dir = base / f"{recipe_label(recipe)}-seed{seed}"
 
@@ -113,20 +139,10 @@ def check_dataset(name: str, recipes: list[str], seeds: list[int], args: argpars
                 f"(random init: linear {random_row['linear']:.1f} 20-NN {random_row['knn']:.1f})",
                 flush=True,
             )
-    verdicts = {}
-    for recipe in recipes:
-        verdicts[recipe_label(recipe)] = {}
-        for metric, _ in METRICS:
-            gain, spread = gain_and_spread(
-                [row[metric] for row in results[recipe_label(recipe)]], [row[metric] for row in results["random"]]
-            )
-            verdicts[recipe_label(recipe)][metric] = {"gain": gain, "spread": spread, "pass": gain > spread}
+    verdicts = {
+        recipe_label(recipe): metric_verdicts(results[recipe_label(recipe)], results["random"]) for recipe in recipes
+    }
     return {"runs": results, "verdicts": verdicts}
-
-
-def _mean_std(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} ± {std:.1f}"
 
 
 def results_table(checks: dict[str, dict], seeds: list[int]) -> list[str]:
@@ -141,15 +157,15 @@ def results_table(checks: dict[str, dict], seeds: list[int]) -> list[str]:
     for name, check in checks.items():
         runs = check["runs"]
         lines.append(
-            f"| {name} | random init | {_mean_std([r['linear'] for r in runs['random']])} | "
-            f"{_mean_std([r['knn'] for r in runs['random']])} | | | |"
+            f"| {name} | random init | {mean_std([r['linear'] for r in runs['random']])} | "
+            f"{mean_std([r['knn'] for r in runs['random']])} | | | |"
         )
         for recipe, verdict in check["verdicts"].items():
             cells = [f"{verdict[m]['gain']:+.1f} / {verdict[m]['spread']:.1f}" for m, _ in METRICS]
             passed = all(verdict[m]["pass"] for m, _ in METRICS)
             lines.append(
-                f"| {name} | `{recipe}` | {_mean_std([r['linear'] for r in runs[recipe]])} | "
-                f"{_mean_std([r['knn'] for r in runs[recipe]])} | {cells[0]} | {cells[1]} | "
+                f"| {name} | `{recipe}` | {mean_std([r['linear'] for r in runs[recipe]])} | "
+                f"{mean_std([r['knn'] for r in runs[recipe]])} | {cells[0]} | {cells[1]} | "
                 f"{'PASS' if passed else 'FAIL'} |"
             )
     return lines

@@ -64,6 +64,8 @@ def test_cached_runs_of_an_edited_recipe_are_not_reused(tmp_path):
     before = learning_check.pretrain_settings(["--config", str(recipe), "--seed", "1"])
     assert before["pretrain_args"] == ["--config", str(recipe), "--seed", "1"] and len(before["recipe_sha256"]) == 16
     assert learning_check.pretrain_settings(["--config", str(recipe), "--seed", "1"]) == before
+    recipe.write_text("# a comment changes nothing\nmax_steps: 300\n")
+    assert learning_check.pretrain_settings(["--config", str(recipe), "--seed", "1"]) == before
     recipe.write_text("max_steps: 900\n")
     assert learning_check.pretrain_settings(["--config", str(recipe), "--seed", "1"]) != before
     assert learning_check.pretrain_settings(["--seed", "1"]) == {"pretrain_args": ["--seed", "1"]}
