@@ -6,14 +6,16 @@ on data that is not the digits (`benchmarks/small_folder_check.py`).
     python -m benchmarks.photo_folder --output_dir outputs/photos-shipped                    # 12 classes, 3,600 images
     python -m benchmarks.photo_folder --photos scikit-image --output_dir outputs/photos-skimage   # 40 classes, 5,000
 
-Two photo sets; each photo is cut into a 2 x 2 grid of regions and the label is the region, so classes of one photo
+Three photo sets; each photo is cut into a 2 x 2 grid of regions and the label is the region, so classes of one photo
 share colours and textures (with the photo as the label, a random network already scores ~97 % on ten photos):
 - `shipped`: the photographs of the project's own dependencies (scikit-learn's `china.jpg` and `flower.jpg`,
   matplotlib's `grace_hopper.jpg`): 12 classes (sky, roof, trees, petals, face, uniform, ...), 250 training and 50
   validation images each;
 - `scikit-image`: ten photographs of scikit-image's `skimage.data` (astronaut, coffee, cat, rocket, galaxies, retina,
   stained tissue, gravel, brick, grass), when scikit-image is installed: 40 classes, 100 training and 25 validation
-  images each.
+  images each;
+- `scikit-image-grey`: seven greyscale images of `skimage.data` (camera man, coins, moon, printed page, clock, text
+  on a sign, cells under a microscope): 28 classes, 100 training and 25 validation images each.
 
 Every image is a random square crop (side 25-60 % of the region's shorter side), resized to `--image_size` px, flipped
 at random and saved as JPEG (quality 90) into `<output_dir>/train/<class>/` and `<output_dir>/validation/<class>/`,
@@ -31,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 
-PHOTO_SETS = ("shipped", "scikit-image")
+PHOTO_SETS = ("shipped", "scikit-image", "scikit-image-grey")
 SCIKIT_IMAGE_PHOTOS = (
     "astronaut",
     "coffee",
@@ -44,6 +46,7 @@ SCIKIT_IMAGE_PHOTOS = (
     "brick",
     "grass",
 )
+SCIKIT_IMAGE_GREY_PHOTOS = ("camera", "coins", "moon", "page", "clock", "text", "cell")
 
 
 def shipped_photographs() -> dict[str, np.ndarray]:
@@ -58,8 +61,8 @@ def shipped_photographs() -> dict[str, np.ndarray]:
     return photos
 
 
-def scikit_image_photographs() -> dict[str, np.ndarray]:
-    """Ten photographs of `skimage.data`, `name -> (H, W, 3) uint8` (grey ones repeated over 3 channels)."""
+def scikit_image_photographs(names: tuple[str, ...] = SCIKIT_IMAGE_PHOTOS) -> dict[str, np.ndarray]:
+    """Photographs of `skimage.data`, `name -> (H, W, 3) uint8` (grey ones repeated over 3 channels)."""
     try:
         import skimage.data
     except ImportError as error:
@@ -67,7 +70,7 @@ def scikit_image_photographs() -> dict[str, np.ndarray]:
             "--photos scikit-image needs scikit-image (`pip install scikit-image`); --photos shipped needs nothing."
         ) from error
     photos = {}
-    for name in SCIKIT_IMAGE_PHOTOS:
+    for name in names:
         image = np.asarray(getattr(skimage.data, name)())
         photos[name] = np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image[..., :3]
     return photos
@@ -99,7 +102,7 @@ def random_patch(region: np.ndarray, rng: np.random.Generator, image_size: int) 
 
 
 # Per photo set: images per class (training, validation), so that both sets hold a few thousand images.
-IMAGES_PER_CLASS = {"shipped": (250, 50), "scikit-image": (100, 25)}
+IMAGES_PER_CLASS = {"shipped": (250, 50), "scikit-image": (100, 25), "scikit-image-grey": (100, 25)}
 
 
 def write_photo_folder(
@@ -116,7 +119,7 @@ def write_photo_folder(
 
     Args:
         output_dir: created; must not already hold a `train` or `validation` folder (nothing is overwritten).
-        photos: `"shipped"` or `"scikit-image"` (see the module docstring).
+        photos: `"shipped"`, `"scikit-image"` or `"scikit-image-grey"` (see the module docstring).
         grid: regions per side of every photo (a class per region; 1: the photo is the class).
         train_per_class / validation_per_class: images per class in each split (default: `IMAGES_PER_CLASS`).
         image_size: side of the saved images, in pixels.
@@ -133,7 +136,12 @@ def write_photo_folder(
     for split in ("train", "validation"):
         if (root / split).exists():
             raise FileExistsError(f"{root / split} exists; pass an empty --output_dir (nothing is overwritten).")
-    source = shipped_photographs() if photos == "shipped" else scikit_image_photographs()
+    if photos == "shipped":
+        source = shipped_photographs()
+    elif photos == "scikit-image":
+        source = scikit_image_photographs(SCIKIT_IMAGE_PHOTOS)
+    else:
+        source = scikit_image_photographs(SCIKIT_IMAGE_GREY_PHOTOS)
     classes = regions(source, grid)
     rng = np.random.default_rng(seed)
     for label, region in classes.items():
@@ -150,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--photos", choices=PHOTO_SETS, default="shipped")
     parser.add_argument("--grid", type=int, default=2, help="Regions per side of every photo (a class per region).")
-    parser.add_argument("--train_per_class", type=int, default=None, help="Default: 250 shipped, 100 scikit-image.")
-    parser.add_argument("--validation_per_class", type=int, default=None, help="Default: 50 shipped, 25 scikit-image.")
+    parser.add_argument("--train_per_class", type=int, default=None, help="Default: 250 shipped, 100 otherwise.")
+    parser.add_argument("--validation_per_class", type=int, default=None, help="Default: 50 shipped, 25 otherwise.")
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

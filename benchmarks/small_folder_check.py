@@ -8,10 +8,10 @@ same architecture at random init (the functions of `learning_check.py`), all on 
     python -m benchmarks.small_folder_check --datasets scikit-image --recipes small-folder
     python -m benchmarks.small_folder_check --datasets /path/to/folder   # your own: train/ and validation/ sub-folders
 
-Datasets: `digits` (the embedded default), `shipped` and `scikit-image` (real-photo imagefolders that
-`benchmarks/photo_folder.py` builds into `<output_dir>/data/`), or the path of an imagefolder with `train/` and
-`validation/` sub-folders (one sub-folder per class in each). Pre-training reads only `train/` (its labels feed the
-k-NN monitor of recipes that have one); the evaluations fit on `train/` and score `validation/`.
+Datasets: `digits` (the embedded default), `shipped`, `scikit-image` and `scikit-image-grey` (real-photo
+imagefolders that `benchmarks/photo_folder.py` builds into `<output_dir>/data/`), or the path of an imagefolder with
+`train/` and `validation/` sub-folders (one sub-folder per class in each). Pre-training reads only `train/` (its
+labels feed the k-NN monitor of recipes that have one); the evaluations fit on `train/` and score `validation/`.
 
 Every run writes its `result.json`; a repeated command skips the runs already done, so seeds and datasets can be added
 later. Prints, per dataset, mean ± std over seeds of both evaluations and, per recipe, the verdict of the learning

@@ -26,6 +26,16 @@ def test_shipped_photo_folder_is_an_imagefolder_of_region_classes(tmp_path):
     assert np.array_equal(first, np.asarray(Image.open(again / "train" / classes[5] / "0001.jpg")))
 
 
+@pytest.mark.parametrize(("photos", "num_classes"), [("scikit-image", 40), ("scikit-image-grey", 28)])
+def test_scikit_image_photo_folders_when_scikit_image_is_installed(tmp_path, photos, num_classes):
+    pytest.importorskip("skimage", reason="the scikit-image photo sets need scikit-image (not a dependency)")
+    root = photo_folder.write_photo_folder(tmp_path, photos=photos, train_per_class=1, validation_per_class=1)
+    classes = sorted(p.name for p in (root / "train").iterdir())
+    assert len(classes) == num_classes and classes == sorted(p.name for p in (root / "validation").iterdir())
+    with Image.open(next((root / "train" / classes[0]).iterdir())) as image:
+        assert image.size == (64, 64) and image.mode == "RGB"
+
+
 def test_photo_folder_never_overwrites_and_names_bad_arguments(tmp_path):
     photo_folder.write_photo_folder(tmp_path, train_per_class=1, validation_per_class=1)
     with pytest.raises(FileExistsError, match="nothing is overwritten"):
