@@ -2,7 +2,7 @@
 """
 I-JEPA pre-training with `transformers.Trainer` and `accelerate launch`.
 
-    accelerate launch training_scripts/pretrain.py                       # embedded digits default, CPU, ~2 min
+    accelerate launch training_scripts/pretrain.py                       # embedded digits default, CPU, ~3 min
     accelerate launch --config_file configuration/accelerate/a100x8_bf16_ddp.yaml training_scripts/pretrain.py \
         --config configuration/recipes/in1k-vith14-ep300.yaml --gradient_accumulation_steps 2
 
