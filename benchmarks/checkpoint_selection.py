@@ -12,14 +12,14 @@ RECIPE`, keeping every checkpoint, score each one on the validation images (line
 The rules see only the k-NN monitor that `pretrain.py` runs during training (a split of the training folder); the
 validation scores are what the chosen encoder then gets. All on CPU and offline.
 
-    python -m benchmarks.checkpoint_selection                       # small-folder, digits + both photo sets, 3 seeds
+    python -m benchmarks.checkpoint_selection              # small-folder; digits, shipped, scikit-image; 3 seeds
     python -m benchmarks.checkpoint_selection --datasets scikit-image --seeds 0 1 2 3 4 5
 
-Datasets as in `benchmarks/small_folder_check.py` (`digits`, `shipped`, `scikit-image`, or an imagefolder with train/
-and validation/); the default `--output_dir` is that benchmark's, so random-init scores and photo folders are shared.
+Datasets as in `benchmarks/small_folder_check.py` (`digits`, the photo sets, or an imagefolder with train/ and
+validation/); the default `--output_dir` is that benchmark's, so random-init scores and photo folders are shared.
 Every run keeps its `result.json` and a repeated command redoes nothing. Prints per dataset and rule the mean ± std
 over seeds, gain and seed-to-seed spread against random init (the learning check's verdict: gain > spread on both
-metrics) and the mean chosen step. Exits with status 1 unless the recipe's own rule passes everywhere.
+metrics) and the step each seed's run keeps. Exits with status 1 unless the recipe's own rule passes everywhere.
 """
 
 from __future__ import annotations
@@ -47,12 +47,12 @@ from benchmarks.small_folder_check import (  # noqa: E402
     dataset_folder,
     dataset_label,
     evaluation_data_args,
-    mean_std,
     metric_verdicts,
     random_init_row,
     recipe_label,
+    score_cells,
 )
-from modeling_ijepa.trainer import BEST_MODEL_RULES, choose_checkpoint  # noqa: E402
+from modeling_ijepa.trainer import BEST_MODEL_RULES, choose_checkpoint, logged_scores  # noqa: E402
 
 
 RULES = ("last", *BEST_MODEL_RULES)
@@ -63,8 +63,7 @@ def monitor_scores(pretrain_dir: Path) -> dict[int, tuple[float, float]]:
     """`{step: (k-NN monitor accuracy, its standard error)}` from the last checkpoint's log history."""
     last = max(pretrain_dir.glob("checkpoint-*"), key=lambda path: int(path.name.rsplit("-", 1)[1]))
     history = json.loads((last / "trainer_state.json").read_text())["log_history"]
-    key = "eval_knn_accuracy"
-    scores = {e["step"]: (e[key], e[f"{key}_stderr"]) for e in history if key in e}
+    scores = logged_scores(history, "eval_knn_accuracy")
     if not scores:
         raise ValueError(f"{pretrain_dir} has no k-NN monitor scores: pick a recipe with eval_strategy steps.")
     return scores
@@ -144,19 +143,11 @@ def results_table(checks: dict[str, dict], args: argparse.Namespace) -> list[str
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, check in checks.items():
-        random_rows = check["random"]
-        lines.append(
-            f"| {name} | random init | | {mean_std([r['linear'] for r in random_rows])} | "
-            f"{mean_std([r['knn'] for r in random_rows])} | | | |"
-        )
+        lines.append(f"| {name} | random init | | {score_cells(check['random'])} |")
         for rule, verdict in check["rules"].items():
-            cells = [f"{verdict[m]['gain']:+.1f} / {verdict[m]['spread']:.1f}" for m, _ in METRICS]
-            passed = all(verdict[m]["pass"] for m, _ in METRICS)
+            picked = [{m: verdict[m]["values"][i] for m, _ in METRICS} for i in range(len(verdict["steps"]))]
             steps = " ".join(map(str, verdict["steps"]))
-            lines.append(
-                f"| {name} | `{rule}` | {steps} | {mean_std(verdict['linear']['values'])} | "
-                f"{mean_std(verdict['knn']['values'])} | {cells[0]} | {cells[1]} | {'PASS' if passed else 'FAIL'} |"
-            )
+            lines.append(f"| {name} | `{rule}` | {steps} | {score_cells(picked, verdict)} |")
     return lines
 
 
@@ -165,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--datasets",
         nargs="+",
-        default=["digits", *PHOTO_SETS],
-        help=f"digits, {', '.join(PHOTO_SETS)} or imagefolders with train/ and validation/.",
+        default=["digits", "shipped", "scikit-image"],
+        help=f"digits, {', '.join(PHOTO_SETS)} or imagefolders with train/ and validation/ (default: digits and the "
+        "two photo sets the rule was measured on).",
     )
     parser.add_argument("--recipe", default="small-folder", help="pretrain.py --config (needs a k-NN monitor).")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -107,6 +107,18 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {std:.1f}"
 
 
+def score_cells(rows: list[dict], verdict: dict | None = None) -> str:
+    """
+    Markdown cells of one encoder over seeds: mean ± std of every metric, then (with the [`metric_verdicts`] of the
+    rows) gain / spread of every metric and PASS or FAIL; left empty without a verdict (random init).
+    """
+    cells = " | ".join(mean_std([row[metric] for row in rows]) for metric, _ in METRICS)
+    if verdict is None:
+        return cells + " |" * (len(METRICS) + 1)
+    gains = " | ".join(f"{verdict[m]['gain']:+.1f} / {verdict[m]['spread']:.1f}" for m, _ in METRICS)
+    return f"{cells} | {gains} | {'PASS' if all(verdict[m]['pass'] for m, _ in METRICS) else 'FAIL'}"
+
+
 def check_dataset(name: str, recipes: list[str], seeds: list[int], args: argparse.Namespace) -> dict:
     """Per-seed results of every recipe and of random init on one dataset, plus the verdict of every recipe."""
     from training_scripts import knn_eval, linear_probe
@@ -156,18 +168,9 @@ def results_table(checks: dict[str, dict], seeds: list[int]) -> list[str]:
     ]
     for name, check in checks.items():
         runs = check["runs"]
-        lines.append(
-            f"| {name} | random init | {mean_std([r['linear'] for r in runs['random']])} | "
-            f"{mean_std([r['knn'] for r in runs['random']])} | | | |"
-        )
+        lines.append(f"| {name} | random init | {score_cells(runs['random'])} |")
         for recipe, verdict in check["verdicts"].items():
-            cells = [f"{verdict[m]['gain']:+.1f} / {verdict[m]['spread']:.1f}" for m, _ in METRICS]
-            passed = all(verdict[m]["pass"] for m, _ in METRICS)
-            lines.append(
-                f"| {name} | `{recipe}` | {mean_std([r['linear'] for r in runs[recipe]])} | "
-                f"{mean_std([r['knn'] for r in runs[recipe]])} | {cells[0]} | {cells[1]} | "
-                f"{'PASS' if passed else 'FAIL'} |"
-            )
+            lines.append(f"| {name} | `{recipe}` | {score_cells(runs[recipe], verdict)} |")
     return lines
 
 

@@ -62,6 +62,18 @@ def effective_rank(features: torch.Tensor) -> float:
 BEST_MODEL_RULES = ("best", "latest_within_stderr")
 
 
+def check_best_model_rule(rule: str) -> None:
+    """Raise `ValueError` naming the choices unless `rule` is one of `BEST_MODEL_RULES`."""
+    if rule not in BEST_MODEL_RULES:
+        raise ValueError(f"best_model_rule must be one of {list(BEST_MODEL_RULES)}, got {rule!r}.")
+
+
+def logged_scores(log_history: list[dict], key: str) -> dict[int, tuple[float, float]]:
+    """`{step: (score, standard error)}` of every evaluation in a Trainer log history that logged `key` and
+    `{key}_stderr` (what [`choose_checkpoint`] reads)."""
+    return {e["step"]: (e[key], e[f"{key}_stderr"]) for e in log_history if key in e and f"{key}_stderr" in e}
+
+
 def choose_checkpoint(
     scores: dict[int, tuple[float, float]], rule: str = "best", greater_is_better: bool = True
 ) -> int:
@@ -73,8 +85,7 @@ def choose_checkpoint(
       best score) of the best score: the one-standard-error rule, which favours the longer-trained checkpoint among
       those a noisy monitor cannot tell apart.
     """
-    if rule not in BEST_MODEL_RULES:
-        raise ValueError(f"best_model_rule must be one of {list(BEST_MODEL_RULES)}, got {rule!r}.")
+    check_best_model_rule(rule)
     if not scores:
         raise ValueError("choose_checkpoint needs at least one evaluated step.")
     sign = 1.0 if greater_is_better else -1.0
@@ -120,8 +131,7 @@ class IJepaTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.best_model_rule not in BEST_MODEL_RULES:
-            raise ValueError(f"best_model_rule must be one of {list(BEST_MODEL_RULES)}, got {self.best_model_rule!r}.")
+        check_best_model_rule(self.best_model_rule)
         if self.best_model_rule != "best" and self.metric_for_best_model is None:
             raise ValueError(
                 f"best_model_rule={self.best_model_rule!r} picks among evaluated checkpoints: set "
@@ -422,7 +432,7 @@ class IJepaTrainer(Trainer):
                     "use best_model_rule best."
                 )
         step = self.state.global_step
-        scores = {e["step"]: (e[key], e[f"{key}_stderr"]) for e in self.state.log_history if f"{key}_stderr" in e}
+        scores = logged_scores(self.state.log_history, key)
         scores[step] = (metrics[key], metrics[f"{key}_stderr"])
         if choose_checkpoint(scores, self.args.best_model_rule, self.args.greater_is_better) != step:
             return False

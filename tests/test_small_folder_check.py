@@ -88,22 +88,26 @@ def test_dataset_folder_names_what_a_folder_lacks(tmp_path):
         small_folder_check.dataset_folder(str(tmp_path / "mine"), tmp_path)
 
 
+def _cached_run(run_dir, settings: dict, result: dict) -> None:
+    """A `result.json` as `learning_check.run_once` writes it, standing in for a run."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "result.json").write_text(json.dumps({"settings": settings, "result": result}))
+
+
+RANDOM_INIT_SETTINGS = {"model": "random:vit_micro_patch4_48"}
+
+
 def test_check_dataset_reads_cached_runs_and_gives_the_verdict(tmp_path, monkeypatch):
     """Cached `result.json` files stand in for the runs: the verdict compares the gain with the spread."""
     import argparse
 
     args = argparse.Namespace(output_dir=str(tmp_path), preset="vit_micro_patch4_48", pretrain_args=[])
+    settings = learning_check.pretrain_settings(["--config", "small-folder"])
     for seed in range(3):
-        random_dir = tmp_path / "digits" / f"random-seed{seed}"
-        random_dir.mkdir(parents=True)
-        result = {"seed": seed, "linear": 90.0 + seed, "knn": 60.0 + seed}
-        settings = {"model": "random:vit_micro_patch4_48"}
-        (random_dir / "result.json").write_text(json.dumps({"settings": settings, "result": result}))
-        run_dir = tmp_path / "digits" / f"small-folder-seed{seed}"
-        run_dir.mkdir(parents=True)
+        random_result = {"seed": seed, "linear": 90.0 + seed, "knn": 60.0 + seed}
+        _cached_run(tmp_path / "digits" / f"random-seed{seed}", RANDOM_INIT_SETTINGS, random_result)
         result = {"seed": seed, "linear": 95.0, "knn": 61.0 + seed}
-        settings = learning_check.pretrain_settings(["--config", "small-folder"])
-        (run_dir / "result.json").write_text(json.dumps({"settings": settings, "result": result}))
+        _cached_run(tmp_path / "digits" / f"small-folder-seed{seed}", settings, result)
     monkeypatch.setattr(small_folder_check, "pretrain_seed", lambda *a, **k: pytest.fail("ran a cached run"))
     check = small_folder_check.check_dataset("digits", ["small-folder"], [0, 1, 2], args)
     verdict = check["verdicts"]["small-folder"]
@@ -125,18 +129,14 @@ def test_checkpoint_selection_scores_what_each_rule_picks(tmp_path, monkeypatch)
     monitor = {"50": [0.70, 0.02], "100": [0.69, 0.02], "150": [0.60, 0.02]}  # best 50; 100 within one error
     checkpoints = {"50": {"linear": 80.0, "knn": 70.0}, "100": {"linear": 85.0, "knn": 69.0}}
     checkpoints["150"] = {"linear": 86.0, "knn": 60.0}
+    settings = learning_check.pretrain_settings(
+        ["--config", "small-folder", *checkpoint_selection.KEEP_EVERY_CHECKPOINT]
+    )
     for seed in range(2):
-        random_dir = tmp_path / "digits" / f"random-seed{seed}"
-        random_dir.mkdir(parents=True)
-        result = {"seed": seed, "linear": 80.0 + seed, "knn": 60.0 + seed}
-        settings = {"model": "random:vit_micro_patch4_48"}
-        (random_dir / "result.json").write_text(json.dumps({"settings": settings, "result": result}))
-        run_dir = tmp_path / "digits" / f"small-folder-checkpoints-seed{seed}"
-        run_dir.mkdir(parents=True)
+        random_result = {"seed": seed, "linear": 80.0 + seed, "knn": 60.0 + seed}
+        _cached_run(tmp_path / "digits" / f"random-seed{seed}", RANDOM_INIT_SETTINGS, random_result)
         result = {"seed": seed, "monitor": monitor, "checkpoints": checkpoints}
-        flags = ["--config", "small-folder", *checkpoint_selection.KEEP_EVERY_CHECKPOINT]
-        settings = learning_check.pretrain_settings(flags)
-        (run_dir / "result.json").write_text(json.dumps({"settings": settings, "result": result}))
+        _cached_run(tmp_path / "digits" / f"small-folder-checkpoints-seed{seed}", settings, result)
     monkeypatch.setattr(checkpoint_selection, "pretrain_seed", lambda *a, **k: pytest.fail("ran a cached run"))
     check = checkpoint_selection.check_dataset("digits", args)
     assert {rule: verdict["steps"] for rule, verdict in check["rules"].items()} == {
