@@ -58,7 +58,7 @@ from modeling_ijepa.data import (  # noqa: E402
     load_image_dataset,
     random_resized_crop,
 )
-from modeling_ijepa.masking import IJepaMaskCollator  # noqa: E402
+from modeling_ijepa.masking import MultiBlockMaskSampler  # noqa: E402
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -139,18 +139,18 @@ def list_image_files(folder: Path) -> list[tuple[Path, int]]:
 class TodayCollator:
     """The pre-training collator as it was before the fast path: PIL decode, PIL crop + resize, the image processor."""
 
-    def __init__(self, mask_collator: IJepaMaskCollator, image_processor, crop_scale=(0.3, 1.0)):
-        self.mask_collator = mask_collator
+    def __init__(self, mask_sampler: MultiBlockMaskSampler, image_processor, crop_scale=(0.3, 1.0)):
+        self.mask_sampler = mask_sampler
         self.image_processor = image_processor
         self.crop_scale = crop_scale
         self.size = (image_processor.size["height"], image_processor.size["width"])
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         images = [image for image in (decode_image(example["image"]) for example in examples) if image is not None]
-        generator = self.mask_collator.next_generator()
+        generator = self.mask_sampler.next_generator()
         crops = [random_resized_crop(image, self.size, generator, scale=self.crop_scale) for image in images]
         pixel_values = self.image_processor(images=crops, return_tensors="pt")["pixel_values"]
-        context_indices, target_indices = self.mask_collator.sample_masks(len(crops), generator)
+        context_indices, target_indices = self.mask_sampler.sample_masks(len(crops), generator)
         return {"pixel_values": pixel_values, "context_indices": context_indices, "target_indices": target_indices}
 
 
@@ -184,13 +184,13 @@ class AuthorsImageFolder(torch.utils.data.Dataset):
 class AuthorsCollator:
     """`default_collate` of the (image, label) pairs, then the official per-image multi-block masks."""
 
-    def __init__(self, mask_collator: ReferenceMaskCollator, seed: int = 0):
-        self.mask_collator = mask_collator
+    def __init__(self, mask_sampler: ReferenceMaskCollator, seed: int = 0):
+        self.mask_sampler = mask_sampler
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, batch: list[tuple[torch.Tensor, int]]):
         collated = torch.utils.data.default_collate(batch)
-        masks_enc, masks_pred = self.mask_collator.sample_masks(len(batch), self.generator)
+        masks_enc, masks_pred = self.mask_sampler.sample_masks(len(batch), self.generator)
         return collated, masks_enc, masks_pred
 
 
@@ -374,13 +374,16 @@ def main(argv=None) -> dict:
 
     def ours(output_uint8: bool, reduced_decode: bool = True) -> IJepaPretrainingCollator:
         return IJepaPretrainingCollator(
-            IJepaMaskCollator.from_config(config), processor, output_uint8=output_uint8, reduced_decode=reduced_decode
+            MultiBlockMaskSampler.from_config(config),
+            processor,
+            output_uint8=output_uint8,
+            reduced_decode=reduced_decode,
         )
 
     authors_data = AuthorsImageFolder(files, size=args.image_size)
     authors_collate = AuthorsCollator(ReferenceMaskCollator.from_config(config))
     paths = PathList(files)
-    today = TodayCollator(IJepaMaskCollator.from_config(config), processor)
+    today = TodayCollator(MultiBlockMaskSampler.from_config(config), processor)
     single = {
         "today's collator (PIL, image processor)": (mapped, today),
         "authors' pipeline (restated)": (authors_data, authors_collate),

@@ -53,7 +53,7 @@ from benchmarks.reference_ijepa import (  # noqa: E402
     reference_train_step,
 )
 from modeling_ijepa import IJepaConfig, IJepaForPreTraining, hardware  # noqa: E402
-from modeling_ijepa.masking import IJepaMaskCollator  # noqa: E402
+from modeling_ijepa.masking import MultiBlockMaskSampler  # noqa: E402
 from modeling_ijepa.optimization import ijepa_optimizer  # noqa: E402
 
 
@@ -285,7 +285,7 @@ def benchmark_model(name: str, args, device: torch.device) -> tuple[list[Timing]
     for module in (reference.encoder, reference.predictor, reference.target_encoder):
         module.train()
 
-    collator = IJepaMaskCollator.from_config(config, seed=args.seed)
+    collator = MultiBlockMaskSampler.from_config(config, seed=args.seed)
     context_indices, target_indices = collator.sample_masks(args.batch_size, collator.next_generator())
     generator = torch.Generator().manual_seed(args.seed)
     image_shape = (args.batch_size, config.num_channels, config.image_size, config.image_size)
@@ -356,7 +356,7 @@ def benchmark_model(name: str, args, device: torch.device) -> tuple[list[Timing]
 
 def benchmark_collators(config: IJepaConfig, batch_size: int, seconds: float, seed: int) -> dict[str, float]:
     """Batches per second of mask sampling alone: ours (vectorised) and the reference per-image loop."""
-    ours = IJepaMaskCollator.from_config(config, seed=seed)
+    ours = MultiBlockMaskSampler.from_config(config, seed=seed)
     reference = ReferenceMaskCollator.from_config(config)
     generator = torch.Generator().manual_seed(seed)
     samplers = {

@@ -52,7 +52,7 @@ from benchmarks.small_folder_check import (  # noqa: E402
     recipe_label,
     score_cells,
 )
-from modeling_ijepa.trainer import BEST_MODEL_RULES, choose_checkpoint, logged_scores  # noqa: E402
+from modeling_ijepa.monitoring import BEST_MODEL_RULES, choose_checkpoint, logged_scores  # noqa: E402
 
 
 RULES = ("last", *BEST_MODEL_RULES)

@@ -51,10 +51,10 @@ def build_dataset():
 def build_collator(rank: int):
     """Crops and masks of process `rank`, seeded as pretrain.py seeds them."""
     from modeling_ijepa.data import IJepaPretrainingCollator, default_image_processor
-    from modeling_ijepa.masking import IJepaMaskCollator
+    from modeling_ijepa.masking import MultiBlockMaskSampler
 
     config = build_model().config
-    masks = IJepaMaskCollator.from_config(config, seed=MASK_SEED + 1_000_003 * rank)
+    masks = MultiBlockMaskSampler.from_config(config, seed=MASK_SEED + 1_000_003 * rank)
     return IJepaPretrainingCollator(masks, default_image_processor(config.image_size))
 
 

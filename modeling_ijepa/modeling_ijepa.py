@@ -78,7 +78,8 @@ def _check_indices(name: str, indices: torch.Tensor, batch_size: int, num_patche
         expected = "(batch_size, num_context)" if ndim == 2 else "(batch_size, num_target_blocks, num_target)"
         raise ValueError(
             f"{name} must be an integer tensor of shape {expected} with batch_size={batch_size}, got dtype "
-            f"{indices.dtype} and shape {tuple(indices.shape)}. Build it with IJepaMaskCollator."
+            f"{indices.dtype} and shape {tuple(indices.shape)}. Build it with a mask sampler "
+            "(modeling_ijepa.masking.mask_sampler_from_config)."
         )
     # A range check costs a device sync on accelerators, where an out-of-range gather fails loudly anyway.
     if indices.device.type == "cpu" and indices.numel() and (indices.min() < 0 or indices.max() >= num_patches):
@@ -742,7 +743,8 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         if context_indices is None or target_indices is None:
             raise ValueError(
                 "IJepaForPreTraining needs `context_indices` and `target_indices`: batch your images with "
-                "IJepaMaskCollator, which samples the I-JEPA context and target blocks."
+                "a mask sampler (modeling_ijepa.masking.mask_sampler_from_config), which samples the I-JEPA "
+                "context and target blocks."
             )
         batch_size = pixel_values.size(0)
         num_patches = self.encoder.embeddings.position_embeddings.size(1)

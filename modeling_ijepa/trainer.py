@@ -40,61 +40,11 @@ from .distributed import (
 )
 from .hardware import require_native_cpu_bf16
 from .modeling_ijepa import LOSS_PARTS, IJepaForPreTraining
+from .monitoring import BEST_MODEL_RULES, check_best_model_rule, choose_checkpoint, effective_rank, logged_scores
 from .optimization import ijepa_ema_momentum, ijepa_learning_rate, ijepa_optimizer, ijepa_weight_decay
 
 
 logger = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Collapse monitors
-# ------------------------------------------------------------------------------------------------------------------
-def effective_rank(features: torch.Tensor) -> float:
-    """`exp(entropy)` of the normalised singular values of centred `(num_samples, dim)` features (1 = collapsed)."""
-    features = features.float()
-    singular_values = torch.linalg.svdvals(features - features.mean(dim=0, keepdim=True))
-    distribution = singular_values / singular_values.sum().clamp_min(1e-12)
-    entropy = -(distribution * torch.log(distribution.clamp_min(1e-12))).sum()
-    return float(torch.exp(entropy))
-
-
-# ------------------------------------------------------------------------------------------------------------------
-BEST_MODEL_RULES = ("best", "latest_within_stderr")
-
-
-def check_best_model_rule(rule: str) -> None:
-    """Raise `ValueError` naming the choices unless `rule` is one of `BEST_MODEL_RULES`."""
-    if rule not in BEST_MODEL_RULES:
-        raise ValueError(f"best_model_rule must be one of {list(BEST_MODEL_RULES)}, got {rule!r}.")
-
-
-def logged_scores(log_history: list[dict], key: str) -> dict[int, tuple[float, float]]:
-    """`{step: (score, standard error)}` of every evaluation in a Trainer log history that logged `key` and
-    `{key}_stderr` (what [`choose_checkpoint`] reads)."""
-    return {e["step"]: (e[key], e[f"{key}_stderr"]) for e in log_history if key in e and f"{key}_stderr" in e}
-
-
-def choose_checkpoint(
-    scores: dict[int, tuple[float, float]], rule: str = "best", greater_is_better: bool = True
-) -> int:
-    """
-    The step whose checkpoint a `best_model_rule` keeps, from the evaluation scores `{step: (score, standard error)}`.
-
-    - `"best"`: the first step with the best score (the Trainer's rule);
-    - `"latest_within_stderr"`: the latest step whose score is within one standard error (the one logged with the
-      best score) of the best score: the one-standard-error rule, which favours the longer-trained checkpoint among
-      those a noisy monitor cannot tell apart.
-    """
-    check_best_model_rule(rule)
-    if not scores:
-        raise ValueError("choose_checkpoint needs at least one evaluated step.")
-    sign = 1.0 if greater_is_better else -1.0
-    steps = sorted(scores)
-    best = max(steps, key=lambda step: (sign * scores[step][0], -step))  # the first of equal best scores
-    if rule == "best":
-        return best
-    threshold = sign * scores[best][0] - scores[best][1]
-    return max(step for step in steps if sign * scores[step][0] >= threshold)
 
 
 @dataclass
@@ -530,5 +480,4 @@ class IJepaTrainer(Trainer):
 __all__ = [
     "IJepaTrainer",
     "IJepaTrainingArguments",
-    "effective_rank",
 ]

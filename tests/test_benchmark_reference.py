@@ -16,7 +16,7 @@ from benchmarks.reference_ijepa import (
     reference_train_step,
 )
 from modeling_ijepa import IJepaForPreTraining
-from modeling_ijepa.masking import IJepaMaskCollator
+from modeling_ijepa.masking import MultiBlockMaskSampler
 
 
 def _model_and_batch(batch_size: int = 3, **overrides):
@@ -26,7 +26,7 @@ def _model_and_batch(batch_size: int = 3, **overrides):
     with torch.no_grad():
         for parameter in model.target_encoder.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
-    collator = IJepaMaskCollator.from_config(config, seed=1)
+    collator = MultiBlockMaskSampler.from_config(config, seed=1)
     context_indices, target_indices = collator.sample_masks(batch_size, collator.next_generator())
     batch = {
         "pixel_values": torch.randn(batch_size, 3, config.image_size, config.image_size),
@@ -117,7 +117,7 @@ def test_analytic_flops_match_counted_forward_flops():
     assert expected["step"] == expected["target"] + 3 * (expected["context"] + expected["predictor"])
 
 
-def test_reference_mask_collator_gives_official_format_without_overlap():
+def test_reference_mask_sampler_gives_official_format_without_overlap():
     config = tiny_config()
     collator = ReferenceMaskCollator.from_config(config)
     masks_enc, masks_pred = collator.sample_masks(5, torch.Generator().manual_seed(0))

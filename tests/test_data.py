@@ -24,7 +24,7 @@ from modeling_ijepa.data import (
     random_resized_crop,
     random_resized_crop_box,
 )
-from modeling_ijepa.masking import IJepaMaskCollator
+from modeling_ijepa.masking import MultiBlockMaskSampler
 
 
 def _png_bytes(image: Image.Image, format: str = "PNG") -> bytes:
@@ -74,7 +74,7 @@ def test_random_resized_crop_upsamples_small_images():
 
 def test_pretraining_collator_skips_and_counts_bad_images():
     config = tiny_config()
-    collator = IJepaPretrainingCollator(IJepaMaskCollator.from_config(config, seed=0), default_image_processor(48))
+    collator = IJepaPretrainingCollator(MultiBlockMaskSampler.from_config(config, seed=0), default_image_processor(48))
     good = {"image": {"bytes": _png_bytes(_gradient()), "path": None}}
     batch = collator([good, {"image": {"bytes": b"junk", "path": None}}, good, {"image": None}])
     assert batch["pixel_values"].shape == (2, 3, 48, 48)
@@ -91,7 +91,9 @@ def test_pretraining_batches_depend_only_on_seed_and_batch_index():
     examples = [{"image": _gradient(size=(30, 40))} for _ in range(3)]
 
     def batch(index: int):
-        collator = IJepaPretrainingCollator(IJepaMaskCollator.from_config(config, seed=7), default_image_processor(48))
+        collator = IJepaPretrainingCollator(
+            MultiBlockMaskSampler.from_config(config, seed=7), default_image_processor(48)
+        )
         collator.set_batch_index(index)
         return collator(examples)
 
@@ -210,11 +212,11 @@ def test_pretraining_collator_draws_the_same_crops_and_masks_as_the_pil_path(ima
         buffer = io.BytesIO()
         _photo(size, seed).save(buffer, image_format, **({"quality": 90} if image_format == "JPEG" else {}))
         examples.append({"image": {"bytes": buffer.getvalue(), "path": None}})
-    collator = IJepaPretrainingCollator(IJepaMaskCollator.from_config(config, seed=3), processor)
+    collator = IJepaPretrainingCollator(MultiBlockMaskSampler.from_config(config, seed=3), processor)
     collator.set_batch_index(11)
     batch = collator(examples)
 
-    reference = IJepaMaskCollator.from_config(config, seed=3)
+    reference = MultiBlockMaskSampler.from_config(config, seed=3)
     reference.set_batch_index(11)
     generator = reference.next_generator()
     crops = [random_resized_crop(decode_image(e["image"]), (48, 48), generator) for e in examples]
@@ -232,7 +234,7 @@ def test_uint8_batches_normalise_to_the_float_batches():
 
     def batch(output_uint8: bool):
         collator = IJepaPretrainingCollator(
-            IJepaMaskCollator.from_config(config, seed=1), default_image_processor(48), output_uint8=output_uint8
+            MultiBlockMaskSampler.from_config(config, seed=1), default_image_processor(48), output_uint8=output_uint8
         )
         collator.set_batch_index(2)
         return collator, collator(examples)
@@ -251,7 +253,7 @@ def test_trainer_normalises_uint8_batches_with_the_collator():
 
     from modeling_ijepa.trainer import IJepaTrainer
 
-    collator = IJepaPretrainingCollator(IJepaMaskCollator.from_config(tiny_config()), default_image_processor(48))
+    collator = IJepaPretrainingCollator(MultiBlockMaskSampler.from_config(tiny_config()), default_image_processor(48))
     pixels = torch.randint(0, 256, (2, 3, 48, 48), dtype=torch.uint8)
     normalised = IJepaTrainer._float_pixel_values(SimpleNamespace(data_collator=collator), pixels)
     assert torch.equal(normalised, PixelNormalizer(default_image_processor(48))(pixels))
@@ -328,7 +330,7 @@ def test_reduced_decode_batches_match_full_decode_batches():
 
     def batch(reduced_decode: bool):
         collator = IJepaPretrainingCollator(
-            IJepaMaskCollator.from_config(config, seed=2),
+            MultiBlockMaskSampler.from_config(config, seed=2),
             default_image_processor(48),
             output_uint8=True,
             reduced_decode=reduced_decode,

@@ -11,14 +11,14 @@ import torch
 from conftest import tiny_config
 
 from modeling_ijepa import IJepaForPreTraining, IJepaModel
-from modeling_ijepa.masking import CONTEXT_PADDING_INDEX, IJepaMaskCollator, mask_sampler_from_config
+from modeling_ijepa.masking import CONTEXT_PADDING_INDEX, MultiBlockMaskSampler, mask_sampler_from_config
 
 
 GRID = (12, 12)
 
 
 def sampler(seed=0, **options):
-    return IJepaMaskCollator(image_size=48, patch_size=4, seed=seed, **options)
+    return MultiBlockMaskSampler(image_size=48, patch_size=4, seed=seed, **options)
 
 
 def draw(mask_sampler, batch_size=8):

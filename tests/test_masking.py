@@ -1,4 +1,4 @@
-"""Specification of IJepaMaskCollator: the official I-JEPA multi-block rule, seeded determinism, errors."""
+"""Specification of MultiBlockMaskSampler: the official I-JEPA multi-block rule, seeded determinism, errors."""
 
 import math
 import time
@@ -11,12 +11,12 @@ from torch.utils.data import DataLoader
 
 from modeling_ijepa.masking import (
     MASK_STRATEGIES,
-    IJepaMaskCollator,
     MaskSampler,
+    MultiBlockMaskSampler,
     RandomPatchMaskSampler,
-    draw_mask_grid,
     mask_sampler_from_config,
 )
+from modeling_ijepa.visualization import draw_mask_grid
 
 
 GRIDS = [(12, 12), (14, 14), (16, 16), (14, 16)]
@@ -27,7 +27,7 @@ def examples(batch_size, **extra):
 
 
 def collator_for(grid, **kwargs):
-    return IJepaMaskCollator(image_size=(grid[0] * 4, grid[1] * 4), patch_size=4, **kwargs)
+    return MultiBlockMaskSampler(image_size=(grid[0] * 4, grid[1] * 4), patch_size=4, **kwargs)
 
 
 def block_size_bounds(grid, scale, aspect):
@@ -165,11 +165,11 @@ def test_invalid_settings_raise_a_value_error_naming_the_fix(kwargs, message):
     values = dict(image_size=48, patch_size=4)
     values.update(kwargs)
     with pytest.raises(ValueError, match=message):
-        IJepaMaskCollator(**values)
+        MultiBlockMaskSampler(**values)
 
 
 def test_target_blocks_too_small_for_min_keep_raise_instead_of_looping_forever():
-    collator = IJepaMaskCollator(
+    collator = MultiBlockMaskSampler(
         image_size=24, patch_size=4, min_context_patches=10
     )  # 6x6 grid: targets of <= 7 patches
     with pytest.raises(ValueError, match="min_context_patches"):
@@ -178,7 +178,7 @@ def test_target_blocks_too_small_for_min_keep_raise_instead_of_looping_forever()
 
 def test_from_config_reads_the_mask_fields(config):
     config.num_target_blocks = 3
-    collator = IJepaMaskCollator.from_config(config, seed=4)
+    collator = MultiBlockMaskSampler.from_config(config, seed=4)
     assert collator.grid_size == config.grid_size and collator.num_target_blocks == 3 and collator.seed == 4
     assert collator(examples(2))["target_indices"].shape[1] == 3
 
@@ -193,7 +193,7 @@ def test_draw_mask_grid_colours_the_target_patches():
 
 
 def test_collating_a_large_batch_is_vectorised():
-    collator = IJepaMaskCollator(image_size=224, patch_size=16)
+    collator = MultiBlockMaskSampler(image_size=224, patch_size=16)
     batch = examples(128)
     collator(batch)
     start = time.perf_counter()
@@ -205,7 +205,7 @@ def test_block_size_uses_one_draw_for_scale_and_aspect_ratio():
     """The authors' sampler draws one uniform number for both; independent draws would change the block shapes."""
     import math
 
-    collator = IJepaMaskCollator(image_size=48, patch_size=4)
+    collator = MultiBlockMaskSampler(image_size=48, patch_size=4)
     for seed in range(50):
         height, width = collator._sample_block_size(torch.Generator().manual_seed(seed), (0.15, 0.2), (0.75, 1.5))
         u = float(torch.rand(1, generator=torch.Generator().manual_seed(seed)))
@@ -220,7 +220,7 @@ def test_block_size_uses_one_draw_for_scale_and_aspect_ratio():
 
 def test_the_official_rule_is_the_default_strategy(config):
     assert config.mask_strategy == "multiblock"
-    assert isinstance(mask_sampler_from_config(config), IJepaMaskCollator)
+    assert isinstance(mask_sampler_from_config(config), MultiBlockMaskSampler)
 
 
 def test_random_strategy_gives_disjoint_sorted_masks_of_the_drawn_sizes(config):

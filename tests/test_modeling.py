@@ -289,7 +289,7 @@ def test_out_of_range_context_indices_raise(config):
 
 
 def test_context_indices_of_the_wrong_shape_raise(config):
-    with pytest.raises(ValueError, match="IJepaMaskCollator"):
+    with pytest.raises(ValueError, match="mask sampler"):
         IJepaModel(config)(pixels(config), context_indices=torch.tensor([0, 1, 2]))
 
 
@@ -418,11 +418,11 @@ def test_train_mode_keeps_the_target_encoder_in_eval_mode(config):
 
 
 @pytest.mark.parametrize("missing", ["context_indices", "target_indices"])
-def test_missing_indices_point_to_the_mask_collator(config, missing):
+def test_missing_indices_point_to_the_mask_sampler(config, missing):
     context_indices, target_indices = random_masks(config)
     inputs = dict(context_indices=context_indices, target_indices=target_indices)
     inputs[missing] = None
-    with pytest.raises(ValueError, match="IJepaMaskCollator"):
+    with pytest.raises(ValueError, match="mask sampler"):
         IJepaForPreTraining(config)(pixels(config), **inputs)
 
 

@@ -7,7 +7,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_ijepa import IJepaForPreTraining
 from modeling_ijepa.data import IJepaPretrainingCollator, default_image_processor, load_digits_dataset
-from modeling_ijepa.masking import IJepaMaskCollator
+from modeling_ijepa.masking import MultiBlockMaskSampler
 from modeling_ijepa.monitoring import KnnMonitor, load_knn_monitor_datasets
 from modeling_ijepa.trainer import IJepaTrainer, IJepaTrainingArguments
 
@@ -44,12 +44,12 @@ def _trainer(output_dir, knn_monitor=None, callbacks=(), eval_dataset=None, **ov
     if knn_monitor is not None:
         values.update(eval_strategy="steps", eval_steps=2)
     values.update(overrides)
-    mask_collator = IJepaMaskCollator.from_config(config, seed=0)
+    mask_sampler = MultiBlockMaskSampler.from_config(config, seed=0)
     trainer = IJepaTrainer(
         model=IJepaForPreTraining(config),
         args=IJepaTrainingArguments(**values),
         train_dataset=load_digits_dataset(48)["train"].select(range(64)),
-        data_collator=IJepaPretrainingCollator(mask_collator, default_image_processor(48)),
+        data_collator=IJepaPretrainingCollator(mask_sampler, default_image_processor(48)),
         eval_dataset=eval_dataset,
         knn_monitor=knn_monitor,
     )
@@ -186,7 +186,7 @@ def test_best_model_rule_picks_the_latest_checkpoint_within_a_standard_error(tmp
 
 
 def test_choose_checkpoint_rules():
-    from modeling_ijepa.trainer import choose_checkpoint
+    from modeling_ijepa.monitoring import choose_checkpoint
 
     scores = {2: (0.70, 0.05), 4: (0.66, 0.05), 6: (0.50, 0.05)}
     assert choose_checkpoint(scores, "best") == 2

@@ -11,9 +11,10 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_ijepa import IJepaForPreTraining
 from modeling_ijepa.data import IJepaPretrainingCollator, default_image_processor, load_digits_dataset
-from modeling_ijepa.masking import IJepaMaskCollator
+from modeling_ijepa.masking import MultiBlockMaskSampler
+from modeling_ijepa.monitoring import effective_rank
 from modeling_ijepa.optimization import ijepa_ema_momentum, ijepa_learning_rate, ijepa_weight_decay
-from modeling_ijepa.trainer import IJepaTrainer, IJepaTrainingArguments, effective_rank
+from modeling_ijepa.trainer import IJepaTrainer, IJepaTrainingArguments
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -62,7 +63,7 @@ def _digits(n: int = 64):
 
 
 def _collator(config, seed: int = 0) -> IJepaPretrainingCollator:
-    return IJepaPretrainingCollator(IJepaMaskCollator.from_config(config, seed=seed), default_image_processor(48))
+    return IJepaPretrainingCollator(MultiBlockMaskSampler.from_config(config, seed=seed), default_image_processor(48))
 
 
 def _args(tmp_path, **overrides) -> IJepaTrainingArguments:

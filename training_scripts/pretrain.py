@@ -334,11 +334,11 @@ def main(argv: list[str] | None = None) -> str:
         raise SystemExit(f"pretrain.py: error: invalid model configuration: {error}") from None
 
     # Each process draws its own crops and masks; every draw depends only on (seed, process, batch index).
-    mask_collator = mask_sampler_from_config(config, seed=training_args.seed + 1_000_003 * training_args.process_index)
+    mask_sampler = mask_sampler_from_config(config, seed=training_args.seed + 1_000_003 * training_args.process_index)
     # Batches leave the DataLoader workers as uint8 (4x less host-to-device traffic); the trainer normalises them on
     # the training device with the collator's `normalize`.
     collator = IJepaPretrainingCollator(
-        mask_collator,
+        mask_sampler,
         image_processor,
         crop_scale=(data_args.crop_scale_min, data_args.crop_scale_max),
         output_uint8=True,

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
-from ..masking import IJepaMaskCollator
+from ..masking import MaskSampler
 from .images import PixelNormalizer, crop_and_resize, decode_image_array, decode_random_crop
 
 
@@ -81,7 +81,7 @@ class IJepaPretrainingCollator(_SkippingCollator):
     (`normalize`).
 
     Args:
-        mask_collator: draws the per-batch generator and the masks.
+        mask_sampler: draws the per-batch generator and the masks.
         image_processor: gives the output size and the mean / std.
         crop_scale: RandomResizedCrop area fraction range.
         output_uint8: return `uint8` `pixel_values` (0-255) and leave the normalisation to the training device
@@ -90,20 +90,20 @@ class IJepaPretrainingCollator(_SkippingCollator):
             (`decode_random_crop`); `False` always decodes at full size (the crops then match, pixel for pixel,
             those of versions without reduced decoding).
 
-    Returns the mask collator's batch: `pixel_values` `(batch, 3, height, width)` (float32 normalised, or uint8 with
+    Returns the batch: `pixel_values` `(batch, 3, height, width)` (float32 normalised, or uint8 with
     `output_uint8`), `context_indices`, `target_indices`.
     """
 
     def __init__(
         self,
-        mask_collator: IJepaMaskCollator,
+        mask_sampler: MaskSampler,
         image_processor,
         crop_scale: Sequence[float] = (0.3, 1.0),
         output_uint8: bool = False,
         reduced_decode: bool = True,
     ):
         super().__init__()
-        self.mask_collator = mask_collator
+        self.mask_sampler = mask_sampler
         self.image_processor = image_processor
         self.crop_scale = tuple(crop_scale)
         self.size = _processor_size(image_processor)
@@ -112,10 +112,10 @@ class IJepaPretrainingCollator(_SkippingCollator):
         self.normalize = PixelNormalizer(image_processor)
 
     def set_batch_index(self, batch_index: int) -> None:
-        self.mask_collator.set_batch_index(batch_index)
+        self.mask_sampler.set_batch_index(batch_index)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        generator = self.mask_collator.next_generator()
+        generator = self.mask_sampler.next_generator()
         decode = partial(
             decode_random_crop,
             generator=generator,
@@ -128,7 +128,7 @@ class IJepaPretrainingCollator(_SkippingCollator):
         pixel_values = torch.stack(crops)
         if not self.output_uint8:
             pixel_values = self.normalize(pixel_values)
-        context_indices, target_indices = self.mask_collator.sample_masks(len(crops), generator)
+        context_indices, target_indices = self.mask_sampler.sample_masks(len(crops), generator)
         return {"pixel_values": pixel_values, "context_indices": context_indices, "target_indices": target_indices}
 
 

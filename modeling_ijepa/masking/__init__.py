@@ -12,9 +12,8 @@ from __future__ import annotations
 import difflib
 
 from .base import CONTEXT_PADDING_INDEX, MASK_SETTINGS, MaskSampler, check_mask_ranges, check_mask_settings
-from .multiblock import IJepaMaskCollator, MultiBlockMaskSampler
+from .multiblock import MultiBlockMaskSampler
 from .random_patches import RandomPatchMaskSampler
-from .visualize import draw_mask_grid
 
 
 MASK_STRATEGIES: dict[str, type[MaskSampler]] = {
@@ -41,13 +40,11 @@ __all__ = [
     "MASK_SETTINGS",
     "CONTEXT_PADDING_INDEX",
     "MASK_STRATEGIES",
-    "IJepaMaskCollator",
     "MaskSampler",
     "MultiBlockMaskSampler",
     "RandomPatchMaskSampler",
     "check_mask_ranges",
     "check_mask_settings",
-    "draw_mask_grid",
     "mask_sampler_class",
     "mask_sampler_from_config",
 ]

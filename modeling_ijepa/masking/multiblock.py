@@ -261,13 +261,9 @@ class MultiBlockMaskSampler(MaskSampler):
         return context_masks
 
 
-# The name this sampler had before masking strategies were pluggable; kept for existing code.
-IJepaMaskCollator = MultiBlockMaskSampler
-
 __all__ = [
     "CONTEXT_TRUNCATIONS",
     "MASK_PLACEMENTS",
     "MultiBlockMaskSampler",
-    "IJepaMaskCollator",
     "check_multiblock_options",
 ]
