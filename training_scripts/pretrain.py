@@ -378,6 +378,7 @@ def main(argv: list[str] | None = None) -> str:
         logger.warning("%d undecodable images were skipped on this process.", collator.num_dropped)
 
     save_final_model(trainer, config, image_processor, training_args.output_dir)
+    trainer.save_state()  # output_dir/trainer_state.json: the whole log history, train_runtime included
     if trainer.args.should_save:
         plot = plot_training_curves(
             trainer.state.log_history, os.path.join(training_args.output_dir, "training_curves.png")
