@@ -28,13 +28,14 @@ import difflib
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
 from .configuration_ijepa import configuration_dir
 from .hardware import require_native_cpu_bf16
+from .masking.settings import MaskSettings
 
 
 RECIPE_SECTIONS = ("model", "mask")
@@ -72,9 +73,50 @@ def load_recipe(path: Path) -> dict:
     if model:
         given = [flat["config_overrides"]] if flat.get("config_overrides") else []
         flat["config_overrides"] = ",".join(given + [f"{key}={json.dumps(value)}" for key, value in model.items()])
+    recipe_keys = MaskSettings.recipe_keys()
     for key, value in (recipe.get("mask") or {}).items():
-        flat["mask_strategy" if key == "strategy" else key] = value
+        if key not in recipe_keys:
+            close = difflib.get_close_matches(key, recipe_keys, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"Recipe {path}: unknown `mask:` key {key!r}{hint}; the keys are {sorted(recipe_keys)}.")
+        flat[recipe_keys[key]] = value
     return flat
+
+
+def _flag_type(annotation):
+    """The optional flag type of a mask setting: pairs become `list[float]` flags (`--target_scale 0.1 0.2`)."""
+    if "tuple" in str(annotation) or "list" in str(annotation):
+        return list[float] | None
+    return {"int": int, "bool": bool, "str": str, "float": float}[str(annotation)] | None
+
+
+def _mask_overrides(self) -> dict:
+    """The mask settings given on the command line or in a recipe (those not left at `None`), by setting name."""
+    return {name: getattr(self, name) for name in MaskSettings.names() if getattr(self, name) is not None}
+
+
+# One optional flag per mask setting, generated from the declaration in `masking/settings.py`: `None` (the default)
+# keeps the value of the model preset / checkpoint, so a flag only overrides what it names.
+MaskArguments = make_dataclass(
+    "MaskArguments",
+    [
+        (
+            setting.name,
+            _flag_type(setting.type),
+            field(
+                default=None,
+                metadata={
+                    "help": setting.metadata["help"]
+                    + (f" One of {list(setting.metadata['choices'])}." if setting.metadata["choices"] else "")
+                    + " Default: the model preset's value."
+                },
+            ),
+        )
+        for setting in fields(MaskSettings)
+    ],
+    namespace={"mask_overrides": _mask_overrides},
+)
+MaskArguments.__doc__ = "The mask settings as optional flags (see `modeling_ijepa.masking.MaskSettings`)."
 
 
 def parse_config_overrides(text: str | None) -> dict:
@@ -269,6 +311,7 @@ class RecipeArgumentParser(HfArgumentParser):
 __all__ = [
     "EvaluationDataArguments",
     "EvaluationModelArguments",
+    "MaskArguments",
     "RecipeArgumentParser",
     "has_accelerator",
     "load_recipe",

@@ -39,7 +39,7 @@ from .distributed import (
     validate_launch,
 )
 from .hardware import require_native_cpu_bf16
-from .modeling_ijepa import LOSS_PARTS, IJepaForPreTraining
+from .modeling_ijepa import IJepaForPreTraining
 from .monitoring import BEST_MODEL_RULES, check_best_model_rule, choose_checkpoint, effective_rank, logged_scores
 from .optimization import ijepa_ema_momentum, ijepa_learning_rate, ijepa_optimizer, ijepa_weight_decay
 
@@ -117,7 +117,7 @@ class IJepaTrainer(Trainer):
       from `ema_momentum_start` to `ema_momentum_end`;
     - logs lr, wd, momentum, context/target token counts and collapse monitors (std of the target features over
       samples, averaged over dimensions, and the effective rank of the pooled target features), and the loss terms
-      (`prediction_loss`, `vicreg_*_loss`, `sigreg_loss`) when a regulariser of the configuration is on;
+      (the model output's `loss_terms`: `prediction_loss` and each regulariser that is on);
     - a non-finite loss stops the run before the optimiser step, so the last checkpoint stays the last good one;
     - checkpoints are written to a staging folder and renamed, so a kill during a save never leaves a partial one;
     - with a `knn_monitor` ([`~modeling_ijepa.monitoring.KnnMonitor`]), [`evaluate`] scores the frozen target encoder
@@ -307,9 +307,8 @@ class IJepaTrainer(Trainer):
             dropped = getattr(self.data_collator, "num_dropped", None)
             if dropped is not None:  # counted in this process (DataLoader workers keep their own counts)
                 self._step_metrics["skipped_images"] = float(dropped)
-            for name in LOSS_PARTS:  # the loss terms, when a regulariser is on
-                if getattr(outputs, name, None) is not None:
-                    self._step_metrics[name] = float(getattr(outputs, name).detach())
+            for name, value in (outputs.loss_terms or {}).items():  # set when a regulariser is on
+                self._step_metrics[name] = float(value.detach())
             if self.args.monitor_collapse:
                 with torch.no_grad():
                     targets = outputs.targets.detach().float().flatten(0, 2)

@@ -32,10 +32,10 @@ from transformers import set_seed
 from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
 
 from modeling_ijepa import IJepaConfig, IJepaForPreTraining, IJepaModel
-from modeling_ijepa.cli import RecipeArgumentParser, parse_config_overrides
+from modeling_ijepa.cli import MaskArguments, RecipeArgumentParser, parse_config_overrides
 from modeling_ijepa.data import IJepaPretrainingCollator, default_image_processor, load_image_dataset
 from modeling_ijepa.distributed import OutputDirInUseError
-from modeling_ijepa.masking import MASK_SETTINGS, mask_sampler_from_config
+from modeling_ijepa.masking import mask_sampler_from_config
 from modeling_ijepa.monitoring import KnnMonitor, UnlabelledMonitorImagesError, load_knn_monitor_datasets
 from modeling_ijepa.output_layout import pretraining_dir, write_output_layout
 from modeling_ijepa.trainer import IJepaTrainer, IJepaTrainingArguments
@@ -47,8 +47,9 @@ DEFAULT_RECIPE = "tiny-cpu"
 
 
 @dataclass
-class ModelArguments:
-    """Which model to pre-train."""
+class ModelArguments(MaskArguments):
+    """Which model to pre-train, and its mask settings (one optional flag per setting, generated from
+    `modeling_ijepa.masking.MaskSettings`; in a recipe, also as a `mask:` mapping)."""
 
     model_preset: str = field(
         default="vit_micro_patch4_48",
@@ -66,40 +67,6 @@ class ModelArguments:
         },
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "'sdpa' (fused kernels) or 'eager'."})
-    # Masking (default: the preset's values; in a recipe, also as a `mask:` mapping).
-    mask_strategy: str | None = field(
-        default=None, metadata={"help": "Masking strategy: 'multiblock' (the official rule) or 'random'."}
-    )
-    num_target_blocks: int | None = field(default=None, metadata={"help": "Target blocks per image (4)."})
-    target_scale: list[float] | None = field(
-        default=None, metadata={"help": "Target block area range, fractions of the patch grid, e.g. 0.15 0.2."}
-    )
-    target_aspect_ratio: list[float] | None = field(
-        default=None, metadata={"help": "Target block height/width range, e.g. 0.75 1.5."}
-    )
-    context_scale: list[float] | None = field(default=None, metadata={"help": "Context block area range (0.85 1.0)."})
-    context_aspect_ratio: list[float] | None = field(
-        default=None, metadata={"help": "Context block height/width range (1.0 1.0)."}
-    )
-    min_context_patches: int | None = field(
-        default=None, metadata={"help": "A context keeps more patches than this (the official min_keep, 10)."}
-    )
-    allow_overlap: bool | None = field(default=None, metadata={"help": "Keep target patches in the context."})
-    mask_placement: str | None = field(
-        default=None,
-        metadata={"help": "Multiblock block corners: 'official' (never the last row/column) or 'uniform' (anywhere)."},
-    )
-    context_truncation: str | None = field(
-        default=None,
-        metadata={
-            "help": "Multiblock contexts of a batch: 'first' (official: cut to the shortest, first patches kept), "
-            "'random' (cut to the shortest, random subset kept) or 'none' (kept whole, padded, masked in attention)."
-        },
-    )
-
-    def mask_overrides(self) -> dict:
-        """The mask settings given on the command line or in the recipe, as `IJepaConfig` fields."""
-        return {name: getattr(self, name) for name in MASK_SETTINGS if getattr(self, name) is not None}
 
 
 @dataclass
