@@ -29,12 +29,13 @@ from pathlib import Path
 
 import transformers
 from transformers import set_seed
-from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
+from transformers.trainer_utils import IntervalStrategy
 
 from modeling_ijepa import IJepaConfig, IJepaForPreTraining, IJepaModel
+from modeling_ijepa.checkpoints import DamagedCheckpointError, resolve_checkpoint
 from modeling_ijepa.cli import MaskArguments, RecipeArgumentParser, parse_config_overrides
 from modeling_ijepa.data import IJepaPretrainingCollator, default_image_processor, load_image_dataset
-from modeling_ijepa.distributed import OutputDirInUseError
+from modeling_ijepa.lifecycle import EXIT_PREEMPTED, OutputDirInUseError, preemption_message
 from modeling_ijepa.masking import mask_sampler_from_config
 from modeling_ijepa.monitoring import KnnMonitor, UnlabelledMonitorImagesError, load_knn_monitor_datasets
 from modeling_ijepa.output_layout import pretraining_dir, write_output_layout
@@ -328,21 +329,20 @@ def main(argv: list[str] | None = None) -> str:
     except ValueError as error:
         raise SystemExit(f"pretrain.py: error: {error}") from None
 
-    resume = training_args.resume_from_checkpoint
-    if resume in ("last", "latest", "True", "true", True):
-        resume = get_last_checkpoint(training_args.output_dir)
-        if resume is None:
-            logger.info("no checkpoint to resume in %s: starting from scratch", training_args.output_dir)
-    try:
-        trainer.train(resume_from_checkpoint=resume)
-    except OutputDirInUseError as error:
+    try:  # "last" resolves to the newest complete checkpoint; a named damaged one stops here
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except (OutputDirInUseError, DamagedCheckpointError) as error:
         raise SystemExit(f"pretrain.py: error: {error}") from None
     except FloatingPointError as error:
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        last = resolve_checkpoint("last", training_args.output_dir)
         logger.error("%s Last good checkpoint: %s.", error, last or "none saved yet")
         raise SystemExit(1) from None
     if collator.num_dropped:
         logger.warning("%d undecodable images were skipped on this process.", collator.num_dropped)
+    if trainer.preemption.preempted_at_step is not None:
+        # The checkpoint is written; the final encoder is not (the run is to be resumed, not finished).
+        logger.warning(preemption_message(trainer.preemption))
+        raise SystemExit(EXIT_PREEMPTED)
 
     save_final_model(trainer, config, image_processor, training_args.output_dir)
     trainer.save_state()  # output_dir/trainer_state.json: the whole log history, train_runtime included
