@@ -33,6 +33,7 @@ import os
 import shutil
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -187,8 +188,6 @@ def pretrain_args(arm: dict, steps: int | None, folder: Path | None) -> list[str
 
 def pretrain(args: list[str], seed: int, run_dir: Path) -> dict:
     """`training_scripts.pretrain.main` in this process; the saved encoder and the step it comes from."""
-    import time
-
     from training_scripts import pretrain as script
 
     start = time.monotonic()
@@ -242,7 +241,7 @@ def run_study(spec: dict, output_dir: Path, name: str, use_cache: bool = True) -
                 )
                 settings = {**evaluations, "pretrain": run_dir.name, "dataset": dataset, "seed": seed}
 
-                def compute(out, trained=trained, run_dir=run_dir):
+                def compute(out):
                     target = Target(trained["encoder"], seed, data_args, out, run_dir / "run")
                     return {"step": trained["step"], **evaluate(spec, target)}
 
