@@ -4,7 +4,9 @@
 
 - `features.py`: loading an encoder (a checkpoint, a hub id, or `random:<preset>` for a random-init baseline) with its
   image processor, freezing it, and [`extract_features`], the one feature extractor (average-pooled features of the
-  last layer, or of the last `k` layers concatenated);
+  last layer, or of the last `k` layers concatenated), and [`extract_patch_tokens`], the patch tokens themselves;
+- `attentive.py`: the attentive probe (learned queries cross-attending over the frozen patch tokens, then a linear
+  classifier) and its learning-rate x weight-decay grid;
 - `heads.py`: the linear-probe head, a frozen encoder feeding a head, and fine-tuning's standardised head;
 - `linear_grid.py`: a learning-rate x weight-decay grid of linear heads trained together on cached features, chosen
   on a validation split carved from the training data;
@@ -17,11 +19,21 @@ options and call these functions with plain keyword arguments. Every public name
 `modeling_ijepa.evaluation`.
 """
 
+from .attentive import (
+    AttentiveClassifierHead,
+    AttentiveClassifierOutput,
+    AttentiveHeadGrid,
+    AttentivePooler,
+    search_attentive_heads,
+    train_attentive_heads,
+)
 from .features import (
     RANDOM_MODEL_PREFIX,
     check_pooled_layers,
+    encode_patch_tokens,
     encode_pooled,
     extract_features,
+    extract_patch_tokens,
     freeze,
     load_encoder,
     load_image_processor,
@@ -33,7 +45,9 @@ from .knn import knn_accuracy, knn_predict
 from .linear_grid import (
     HeadSearchResult,
     LinearHeadGrid,
+    fit_head_grid,
     head_accuracies,
+    search_head_grid,
     search_linear_heads,
     train_linear_heads,
     validation_split,
@@ -56,17 +70,27 @@ __all__ = [
     "freeze",
     "pool_features",
     "check_pooled_layers",
+    "encode_patch_tokens",
     "encode_pooled",
     "extract_features",
+    "extract_patch_tokens",
     "StandardizedLinear",
     "LinearClassifierHead",
     "FrozenEncoderClassifier",
     "LinearHeadGrid",
+    "fit_head_grid",
     "train_linear_heads",
     "head_accuracies",
+    "search_head_grid",
     "validation_split",
     "HeadSearchResult",
     "search_linear_heads",
+    "AttentivePooler",
+    "AttentiveClassifierOutput",
+    "AttentiveClassifierHead",
+    "AttentiveHeadGrid",
+    "train_attentive_heads",
+    "search_attentive_heads",
     "knn_predict",
     "knn_accuracy",
     "ACCURACY_METRIC_DIR",
