@@ -10,6 +10,10 @@
 - `heads.py`: the linear-probe head, a frozen encoder feeding a head, and fine-tuning's standardised head;
 - `linear_grid.py`: a learning-rate x weight-decay grid of linear heads trained together on cached features, chosen
   on a validation split carved from the training data;
+- `counting.py`: an offline counting task (canvases of 1..N digits at random non-overlapping positions) that measures
+  how much local information frozen features keep;
+- `scores.py`: [`frozen_probe_scores`], linear, attentive and k-NN accuracies of one encoder as plain numbers (an
+  evaluator for study runners);
 - `knn.py`: weighted / majority-vote k-nearest-neighbour classification by cosine similarity;
 - `reporting.py`: the offline accuracy metric, the metrics of a run, the results file and the model card.
 
@@ -27,6 +31,7 @@ from .attentive import (
     search_attentive_heads,
     train_attentive_heads,
 )
+from .counting import build_counting_dataset, build_counting_splits
 from .features import (
     RANDOM_MODEL_PREFIX,
     check_pooled_layers,
@@ -60,6 +65,7 @@ from .reporting import (
     save_metrics,
     write_model_card,
 )
+from .scores import PROBES, attentive_probe_scores, frozen_probe_scores
 
 
 __all__ = [
@@ -91,6 +97,11 @@ __all__ = [
     "AttentiveHeadGrid",
     "train_attentive_heads",
     "search_attentive_heads",
+    "build_counting_dataset",
+    "build_counting_splits",
+    "PROBES",
+    "frozen_probe_scores",
+    "attentive_probe_scores",
     "knn_predict",
     "knn_accuracy",
     "ACCURACY_METRIC_DIR",
