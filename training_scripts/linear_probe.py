@@ -118,7 +118,8 @@ class ProbeArguments:
         default="linear",
         metadata={
             "help": "linear: a linear classifier on average-pooled features; attentive: learned query tokens "
-            "cross-attending over the patch tokens, then a linear classifier (V-JEPA's attentive probe).",
+            "cross-attending over the patch tokens, then a linear classifier (V-JEPA's attentive probe; it wants a "
+            "lower --learning_rate than the linear head's 0.1, e.g. 0.01, or a grid).",
             "choices": ["linear", "attentive"],
         },
     )
