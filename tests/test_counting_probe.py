@@ -16,19 +16,26 @@ from training_scripts import counting_probe
 
 
 def test_every_canvas_holds_as_many_separate_digits_as_its_label_says():
-    dataset = build_counting_dataset(30, max_count=4, image_size=48, digit_size=12, seed=0, gap=1)
+    dataset = build_counting_dataset(30, max_count=4, image_size=48, digit_sizes=(6, 14), seed=0, gap=1)
     assert dataset.features["label"].names == ["1", "2", "3", "4"]
     assert set(dataset["label"]) == {0, 1, 2, 3}
+    assert {size for boxes in dataset["boxes"] for _, _, size in boxes} >= {6, 14}
     for example in dataset:
         boxes, pixels = example["boxes"], np.asarray(example["image"].convert("L"))
         assert pixels.shape == (48, 48) and len(boxes) == example["label"] + 1
         inside = np.zeros_like(pixels, dtype=bool)
-        for index, (top, left) in enumerate(boxes):
-            assert 0 <= top <= 36 and 0 <= left <= 36
-            assert (pixels[top : top + 12, left : left + 12] < 128).any()  # each box holds ink
-            inside[top : top + 12, left : left + 12] = True
-            for other_top, other_left in boxes[index + 1 :]:
-                assert abs(top - other_top) >= 13 or abs(left - other_left) >= 13  # a pixel apart at least
+        for index, (top, left, size) in enumerate(boxes):
+            assert 6 <= size <= 14 and 0 <= top <= 48 - size and 0 <= left <= 48 - size
+            assert (pixels[top : top + size, left : left + size] < 128).any()  # each box holds ink
+            inside[top : top + size, left : left + size] = True
+            for other_top, other_left, other_size in boxes[index + 1 :]:
+                # A pixel apart at least, along one axis.
+                assert (
+                    top + size < other_top
+                    or other_top + other_size < top
+                    or left + size < other_left
+                    or other_left + other_size < left
+                )
         assert (pixels[~inside] == 255).all()  # no ink outside the digits' boxes
 
 
@@ -44,7 +51,7 @@ def test_train_and_test_splits_differ_and_impossible_canvases_are_refused():
     assert (len(splits["train"]), len(splits["test"])) == (6, 4)
     assert splits["train"]["boxes"][:4] != splits["test"]["boxes"]
     with pytest.raises(ValueError, match="lower max_count"):
-        build_counting_dataset(2, max_count=20, image_size=48, digit_size=12)
+        build_counting_dataset(2, max_count=20, image_size=48, digit_sizes=(12, 12))
 
 
 def test_frozen_probe_scores_refuses_unknown_probes_and_a_module_without_its_processor():

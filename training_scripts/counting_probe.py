@@ -32,7 +32,10 @@ class CountingArguments:
     num_train: int = field(default=1200, metadata={"help": "Training canvases."})
     num_test: int = field(default=600, metadata={"help": "Test canvases (from digit scans no training canvas uses)."})
     max_count: int = field(default=5, metadata={"help": "Canvases hold 1 to max_count digits (the classes)."})
-    digit_size: int | None = field(default=None, metadata={"help": "Digit size in pixels (default: image size / 4)."})
+    digit_sizes: list[int] | None = field(
+        default=None,
+        metadata={"help": "Smallest and largest digit size in pixels (default: image size / 8 and / 3)."},
+    )
     probes: list[str] = field(
         default_factory=lambda: list(PROBES), metadata={"help": "Probes to run, among linear, attentive, knn."}
     )
@@ -49,6 +52,8 @@ class CountingArguments:
         unknown = set(self.probes) - set(PROBES)
         if unknown:
             raise ValueError(f"--probes takes {' '.join(PROBES)}, got {' '.join(sorted(unknown))}.")
+        if self.digit_sizes is not None and len(self.digit_sizes) != 2:
+            raise ValueError(f"--digit_sizes takes two values (smallest largest), got {self.digit_sizes}.")
         if self.max_count < 2:
             raise ValueError(f"--max_count must be at least 2 (one class per count), got {self.max_count}.")
 
@@ -71,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.num_test,
         max_count=args.max_count,
         image_size=image_size if isinstance(image_size, int) else image_size[0],
-        digit_size=args.digit_size,
+        digit_sizes=tuple(args.digit_sizes) if args.digit_sizes else None,
         seed=args.seed,
     )
     scores = frozen_probe_scores(

@@ -3,10 +3,10 @@
 """A counting task that measures local information offline, in the spirit of the paper's Clevr/Count evaluation.
 
 Each image is a white canvas of the model's input size holding 1 to `max_count` handwritten digits (scikit-learn's
-bundled 8x8 scans, the same as the embedded default data, drawn as dark ink on white) at random non-overlapping
-positions; the label is the number of digits. Average-pooled features mix every patch together, so how well a frozen
-probe reads the count says how much the encoder keeps about *where* things are, which the linear probe of the digits
-themselves does not test.
+bundled 8x8 scans, the same as the embedded default data, drawn as dark ink on white) of random sizes at random
+non-overlapping positions; the label is the number of digits. Average-pooled features mix every patch together, so
+how well a frozen probe reads the count says how much the encoder keeps of the objects as separate things, which the
+linear probe of the digits themselves does not test.
 
 [`build_counting_dataset`] builds one split as a pure function of its seed; [`build_counting_splits`] builds a train
 and a test split from disjoint digit scans (the fixed train / test split of the embedded digits).
@@ -34,32 +34,38 @@ def _digit_scans(split: str) -> np.ndarray:
     return digits.images[np.sort(train_index if split == "train" else test_index)]
 
 
-def _overlaps(top: int, left: int, boxes: list[list[int]], digit_size: int, gap: int) -> bool:
-    """Whether a `digit_size` square at `(top, left)` comes closer than `gap` pixels to any of `boxes`."""
-    reach = digit_size + gap
-    return any(abs(top - other_top) < reach and abs(left - other_left) < reach for other_top, other_left in boxes)
+def _overlaps(box: list[int], boxes: list[list[int]], gap: int) -> bool:
+    """Whether the square `[top, left, size]` comes closer than `gap` pixels to any of `boxes` (same layout)."""
+    top, left, size = box
+    return any(
+        top < other_top + other_size + gap
+        and other_top < top + size + gap
+        and left < other_left + other_size + gap
+        and other_left < left + size + gap
+        for other_top, other_left, other_size in boxes
+    )
 
 
-def _place_boxes(rng: np.random.Generator, count: int, image_size: int, digit_size: int, gap: int) -> list[list[int]]:
+def _place_boxes(rng: np.random.Generator, sizes: list[int], image_size: int, gap: int) -> list[list[int]]:
     """
-    `count` random `[top, left]` corners of `digit_size` squares inside the canvas, at least `gap` pixels apart:
-    each square is drawn uniformly among the positions left free; when the first ones leave no room, start over.
+    One random `[top, left, size]` square per entry of `sizes` inside the canvas, at least `gap` pixels apart: each
+    square is drawn uniformly among the positions left free; when the first ones leave no room, start over.
     """
     for _ in range(100):
         boxes = []
-        for _ in range(count):
+        for size in sizes:
             for _ in range(100):
-                top, left = (int(value) for value in rng.integers(0, image_size - digit_size + 1, size=2))
-                if not _overlaps(top, left, boxes, digit_size, gap):
-                    boxes.append([top, left])
+                top, left = (int(value) for value in rng.integers(0, image_size - size + 1, size=2))
+                if not _overlaps([top, left, size], boxes, gap):
+                    boxes.append([top, left, size])
                     break
             else:
                 break
-        if len(boxes) == count:
+        if len(boxes) == len(sizes):
             return boxes
     raise ValueError(
-        f"Could not place {count} digits of {digit_size} px on a {image_size} px canvas: lower max_count or "
-        "digit_size."
+        f"Could not place {len(sizes)} digits of {sizes} px on a {image_size} px canvas: lower max_count or the "
+        "digit sizes."
     )
 
 
@@ -67,7 +73,7 @@ def build_counting_dataset(
     num_images: int,
     max_count: int = 5,
     image_size: int = 48,
-    digit_size: int | None = None,
+    digit_sizes: tuple[int, int] | None = None,
     seed: int = 0,
     split: str = "train",
     gap: int = 1,
@@ -75,43 +81,42 @@ def build_counting_dataset(
     """
     A counting split: `num_images` canvases, each holding a uniformly drawn count of 1 to `max_count` digits.
 
-    The digits are scans of the embedded digits' `split` ("train" or "test"), each upscaled (bicubic) to
-    `digit_size` px (default `image_size // 4`) and drawn at a random position, at least `gap` pixels from every
-    other digit. The same arguments always give the same images (a pure function of `seed`).
+    The digits are scans of the embedded digits' `split` ("train" or "test"), each upscaled (bicubic) to a size drawn
+    uniformly in `digit_sizes = (smallest, largest)` px (default `(image_size // 8, image_size // 3)`: 6 to 16 px at
+    48 px) and drawn at a random position, at least `gap` pixels from every other digit. Sizes vary so that the
+    amount of ink overlaps between counts: the count is then not a linear function of the mean pixel. The same
+    arguments always give the same images (a pure function of `seed`).
 
     Returns:
         A `datasets.Dataset` with columns `image` (RGB, `image_size` px), `label` (ClassLabel "1".."max_count":
-        label `i` is `i + 1` digits) and `boxes` (the `[top, left]` corner of every digit, each `digit_size` px).
+        label `i` is `i + 1` digits) and `boxes` (`[top, left, size]` of every digit).
     """
     import datasets
 
-    digit_size = digit_size or image_size // 4
+    smallest, largest = digit_sizes or (max(1, image_size // 8), image_size // 3)
     if num_images < 1 or max_count < 1:
         raise ValueError(f"num_images and max_count must be at least 1, got {num_images} and {max_count}.")
-    if not 1 <= digit_size <= image_size:
-        raise ValueError(f"digit_size must be between 1 and image_size ({image_size}), got {digit_size}.")
-    if max_count * (digit_size + gap) ** 2 > 0.6 * image_size**2:
+    if not 1 <= smallest <= largest <= image_size:
         raise ValueError(
-            f"{max_count} digits of {digit_size} px do not fit at random on a {image_size} px canvas (over 60 % of "
-            "its area): lower max_count or digit_size."
+            f"digit_sizes must be (smallest, largest) with 1 <= smallest <= largest <= image_size ({image_size}), "
+            f"got {(smallest, largest)}."
         )
-    scans = _digit_scans(split)
-    ink = [
-        np.asarray(
-            Image.fromarray(255 - (scan / 16.0 * 255.0).round().astype(np.uint8), mode="L").resize(
-                (digit_size, digit_size), Image.BICUBIC
-            )
+    if max_count * ((smallest + largest) / 2 + gap) ** 2 > 0.5 * image_size**2:
+        raise ValueError(
+            f"{max_count} digits of {smallest}-{largest} px do not fit at random on a {image_size} px canvas (over "
+            "half its area): lower max_count or the digit sizes."
         )
-        for scan in scans
-    ]
+    scans = [255 - (scan / 16.0 * 255.0).round().astype(np.uint8) for scan in _digit_scans(split)]
     rng = np.random.default_rng(seed)
     images, labels, all_boxes = [], [], []
     for _ in range(num_images):
         count = int(rng.integers(1, max_count + 1))
-        boxes = _place_boxes(rng, count, image_size, digit_size, gap)
+        sizes = sorted((int(size) for size in rng.integers(smallest, largest + 1, size=count)), reverse=True)
+        boxes = _place_boxes(rng, sizes, image_size, gap)
         canvas = np.full((image_size, image_size), 255, dtype=np.uint8)
-        for (top, left), scan_index in zip(boxes, rng.choice(len(ink), size=count, replace=False)):
-            canvas[top : top + digit_size, left : left + digit_size] = ink[scan_index]
+        for (top, left, size), scan_index in zip(boxes, rng.choice(len(scans), size=count, replace=False)):
+            digit = Image.fromarray(scans[scan_index], mode="L").resize((size, size), Image.BICUBIC)
+            canvas[top : top + size, left : left + size] = np.asarray(digit)
         images.append(Image.fromarray(canvas, mode="L").convert("RGB"))
         labels.append(count - 1)
         all_boxes.append(boxes)
@@ -130,7 +135,7 @@ def build_counting_splits(
     num_test: int = 600,
     max_count: int = 5,
     image_size: int = 48,
-    digit_size: int | None = None,
+    digit_sizes: tuple[int, int] | None = None,
     seed: int = 0,
 ):
     """
@@ -142,7 +147,7 @@ def build_counting_splits(
     """
     import datasets
 
-    settings = dict(max_count=max_count, image_size=image_size, digit_size=digit_size)
+    settings = dict(max_count=max_count, image_size=image_size, digit_sizes=digit_sizes)
     return datasets.DatasetDict(
         {
             "train": build_counting_dataset(num_train, seed=2 * seed, split="train", **settings),
