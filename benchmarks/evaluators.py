@@ -230,3 +230,34 @@ def step_times(
     return {
         name: {"step_ms": r["step_ms"], "context_tokens": statistics.mean(r["tokens"])} for name, r in results.items()
     }
+
+
+def _frozen(target: Target, train, test, probes: list[str]) -> dict:
+    from modeling_ijepa.evaluation.scores import frozen_probe_scores
+
+    scores = frozen_probe_scores(target.model, train, test, probes=probes, seed=target.seed)  # random:<preset> too
+    return {name: 100.0 * scores[name] for name in probes}
+
+
+@evaluator("frozen_probes")
+def frozen_probes(target: Target, probes: list[str] = ("linear", "attentive", "knn")) -> dict:
+    """Linear, attentive and 20-NN accuracy (%) of the frozen encoder, each chosen on a validation split
+    (`modeling_ijepa.evaluation.scores.frozen_probe_scores`), on the run's data."""
+    from modeling_ijepa.data import load_classification_datasets
+
+    flags = dict(zip(target.data_args[::2], target.data_args[1::2]))
+    train, test, _ = load_classification_datasets(
+        train_dir=flags.get("--train_dir"), validation_dir=flags.get("--validation_dir"), seed=target.seed
+    )
+    return _frozen(target, train, test, list(probes))
+
+
+@evaluator("counting")
+def counting(target: Target, probes: list[str] = ("linear", "attentive", "knn"), max_count: int = 5) -> dict:
+    """Counting probe (%): canvases of 1 to `max_count` digits (`modeling_ijepa.evaluation.counting`), the count
+    predicted by each frozen probe; chance is 100 / max_count."""
+    from modeling_ijepa.evaluation.counting import build_counting_splits
+
+    splits = build_counting_splits(max_count=max_count, seed=target.seed)
+    scores = _frozen(target, splits["train"], splits["test"], list(probes))
+    return {f"count {name}": value for name, value in scores.items()}

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from benchmarks.toy_run import MAX_STEPS, build_collator, build_dataset, build_model, training_arguments
+from modeling_ijepa.testing_utils import MAX_STEPS, build_collator, build_dataset, build_model, training_arguments
 from modeling_ijepa.trainer import IJepaTrainer
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.toy_run import (
+from modeling_ijepa.checkpoints import check_checkpoint
+from modeling_ijepa.testing_utils import (
     MAX_STEPS,
     WORLD_SIZE,
     RankInterleavedCollator,
@@ -30,7 +31,6 @@ from benchmarks.toy_run import (
     build_model,
     training_arguments,
 )
-from modeling_ijepa.checkpoints import check_checkpoint
 from modeling_ijepa.trainer import IJepaTrainer
 
 
