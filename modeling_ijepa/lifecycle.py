@@ -224,6 +224,7 @@ class PreemptionCallback(TrainerCallback):
         self.signal_name: str | None = None
         self.seconds_to_checkpoint: float | None = None
         self._previous: dict = {}
+        self._save_total_limit = None
 
     # -- handlers ---------------------------------------------------------------------------------------------------
     def _handle(self, signum, frame) -> None:
@@ -265,6 +266,9 @@ class PreemptionCallback(TrainerCallback):
             if self.received_at is None:  # the signal reached another process
                 self.received_at = time.monotonic()
             self.preempted_at_step = state.global_step
+            # The Trainer's end of training deletes every checkpoint but the best when save_total_limit is 1: keep the
+            # one written now, which the resume needs (restored in on_train_end).
+            self._save_total_limit, args.save_total_limit = args.save_total_limit, None
             control.should_save = True
             control.should_training_stop = True
             control.should_evaluate = False
@@ -288,6 +292,8 @@ class PreemptionCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._restore()
+        if self.preempted_at_step is not None:
+            args.save_total_limit = self._save_total_limit
 
 
 def preemption_message(callback: PreemptionCallback) -> str:

@@ -35,7 +35,7 @@ from modeling_ijepa.trainer import IJepaTrainer, IJepaTrainingArguments
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _trainer(output_dir, streamed: bool = False, callbacks=(), **overrides) -> IJepaTrainer:
+def _trainer(output_dir, streamed: bool = False, callbacks=(), knn_monitor=None, **overrides) -> IJepaTrainer:
     torch.manual_seed(0)
     config = tiny_config()
     digits = load_digits_dataset(48)["train"].select(range(48))
@@ -61,6 +61,7 @@ def _trainer(output_dir, streamed: bool = False, callbacks=(), **overrides) -> I
         data_collator=IJepaPretrainingCollator(
             MultiBlockMaskSampler.from_config(config, seed=0), default_image_processor(48)
         ),
+        knn_monitor=knn_monitor,
     )
     for callback in callbacks:
         trainer.add_callback(callback)
@@ -112,6 +113,31 @@ def test_a_signal_checkpoints_the_step_in_flight_and_resume_is_exact(tmp_path, s
     got = _weights(resumed.model)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_preemption_keeps_its_checkpoint_when_the_run_keeps_one_checkpoint_and_the_best_model(tmp_path):
+    from modeling_ijepa.monitoring import KnnMonitor
+
+    digits = load_digits_dataset(48)
+    monitor = KnnMonitor(
+        digits["train"].select(range(60)), digits["test"].select(range(30)), default_image_processor(48)
+    )
+    trainer = _trainer(
+        tmp_path,
+        callbacks=[_SignalAt(3)],
+        save_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_total_limit=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="knn_accuracy",
+        knn_monitor=monitor,
+    )
+    trainer.train()
+    assert trainer.preemption.preempted_at_step == 3
+    assert checkpoint_problem(tmp_path / "checkpoint-3") is None  # not deleted as "not the best"
+    assert resolve_checkpoint("last", tmp_path) == str(tmp_path / "checkpoint-3")
+    assert trainer.args.save_total_limit == 1
 
 
 def test_pretrain_script_on_sigterm_writes_a_checkpoint_logs_it_and_exits_with_the_preempted_code(tmp_path):
