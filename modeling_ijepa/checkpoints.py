@@ -168,6 +168,12 @@ def check_checkpoint(checkpoint_dir: str | os.PathLike) -> None:
     if problem is None:
         return
     root = Path(checkpoint_dir)
+    if not root.is_dir():
+        found = [path.name for path in list_checkpoints(root.parent)]
+        raise DamagedCheckpointError(
+            f"Checkpoint {root} does not exist: pass one of {found or 'the checkpoints of a run'} or "
+            "--resume_from_checkpoint last."
+        )
     good = next((path for path in list_checkpoints(root.parent) if checkpoint_problem(path) is None), None)
     fix = (
         f"resume from {good} (the newest complete checkpoint) or with --resume_from_checkpoint last"

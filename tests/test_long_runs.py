@@ -264,6 +264,8 @@ def test_last_without_any_complete_checkpoint_starts_from_scratch(tmp_path):
     assert resolve_checkpoint(None, tmp_path) is None
     with pytest.raises(DamagedCheckpointError, match="no complete checkpoint is left"):
         check_checkpoint(tmp_path / "checkpoint-5")
+    with pytest.raises(DamagedCheckpointError, match=r"checkpoint-9 does not exist: pass one of \['checkpoint-5'\]"):
+        resolve_checkpoint(str(tmp_path / "checkpoint-9"), tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
