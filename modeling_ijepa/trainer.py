@@ -292,6 +292,8 @@ class IJepaTrainer(Trainer):
             pixel_values=self._float_pixel_values(inputs["pixel_values"]),
             context_indices=inputs["context_indices"],
             target_indices=inputs["target_indices"],
+            context_mask=inputs.get("context_mask"),  # set by bucketed batches (TokenBuckets)
+            target_mask=inputs.get("target_mask"),
         )
         loss = outputs.loss
         if not torch.isfinite(loss.detach()):
@@ -303,7 +305,7 @@ class IJepaTrainer(Trainer):
         if self._is_logging_step():
             # Real context tokens per image (padded full-context batches end their rows in -1 indices).
             self._step_metrics["context_tokens"] = float((inputs["context_indices"] >= 0).sum(dim=1).float().mean())
-            self._step_metrics["target_tokens"] = float(inputs["target_indices"][0].numel())
+            self._step_metrics["target_tokens"] = float((inputs["target_indices"][0] >= 0).sum())
             dropped = getattr(self.data_collator, "num_dropped", None)
             if dropped is not None:  # counted in this process (DataLoader workers keep their own counts)
                 self._step_metrics["skipped_images"] = float(dropped)
