@@ -71,10 +71,10 @@ DATASHEET_BF16_PEAKS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12))
 # Shares of --budget_s per section, in the order they run.
 SECTION_SHARES = {
     "environment": 0.03,
-    "step": 0.50,
-    "context": 0.12,
-    "data": 0.08,
-    "end_to_end": 0.27,
+    "step": 0.45,
+    "context": 0.10,
+    "data": 0.07,
+    "end_to_end": 0.35,
 }
 SDPA_OPERATORS = {  # profiler operator names -> the SDPA kernel family
     "_scaled_dot_product_flash_attention_for_cpu": "flash (cpu)",

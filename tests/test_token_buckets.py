@@ -129,3 +129,25 @@ def test_buckets_bound_the_number_of_compiled_graphs():
     # One graph per distinct shape (forward; the model has no graph break under compile), up to dynamo's limit.
     assert graphs_bucketed == len(bucket_shapes)
     assert graphs_raw == min(len(shapes), torch._dynamo.config.recompile_limit) > graphs_bucketed
+
+
+def test_compile_watch_reports_a_fall_back_to_eager(caplog):
+    from types import SimpleNamespace
+
+    from modeling_ijepa.compile_watch import CompileWatch
+
+    torch._dynamo.reset()
+    watch = CompileWatch(warmup_steps=1)
+    state = SimpleNamespace(global_step=0)
+    watch.on_train_begin(None, state, None)
+    compiled = torch.compile(lambda x: (x * 2).sum(), backend="eager", dynamic=False)
+    with torch._dynamo.config.patch(recompile_limit=2), caplog.at_level("WARNING", "modeling_ijepa.compile_watch"):
+        for step, size in enumerate((3, 4, 5, 6), start=1):
+            compiled(torch.ones(size))
+            state.global_step = step
+            watch.on_step_end(None, state, None)
+    watch.on_train_end(None, state, None)
+    torch._dynamo.reset()
+    assert watch.graphs == 2 and watch.graphs_after_warmup == 1
+    assert len(watch.limit_hits) == 1
+    assert "fell back to eager at step 3" in caplog.text
