@@ -314,7 +314,8 @@ class IJepaTrainer(Trainer):
                     self._step_metrics[name] = float(getattr(outputs, name).detach())
             if self.args.monitor_collapse:
                 with torch.no_grad():
-                    targets = outputs.targets.detach().float().flatten(0, 2)
+                    targets, target_mask = outputs.targets.detach().float(), inputs.get("target_mask")
+                    targets = targets.flatten(0, 2) if target_mask is None else targets[target_mask]  # real tokens
                     self._step_metrics["target_feature_std"] = float(targets.std(dim=0).mean())
                     self._step_metrics["pooled_effective_rank"] = effective_rank(outputs.target_pooler_output.detach())
         return (loss, outputs) if return_outputs else loss

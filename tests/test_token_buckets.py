@@ -151,3 +151,28 @@ def test_compile_watch_reports_a_fall_back_to_eager(caplog):
     assert watch.graphs == 2 and watch.graphs_after_warmup == 1
     assert len(watch.limit_hits) == 1
     assert "fell back to eager at step 3" in caplog.text
+
+
+def test_collator_pads_to_buckets_and_keeps_the_real_masks():
+    import numpy as np
+    from PIL import Image
+
+    from modeling_ijepa.data import IJepaPretrainingCollator, default_image_processor
+
+    model = _toy()
+    rows = [{"image": Image.fromarray(np.full((60, 50, 3), 40 * i, dtype=np.uint8))} for i in range(4)]
+    plain = IJepaPretrainingCollator(
+        MultiBlockMaskSampler.from_config(model.config, seed=2), default_image_processor(48)
+    )
+    buckets = TokenBuckets([64, 144], [32, 144])
+    bucketed = IJepaPretrainingCollator(
+        MultiBlockMaskSampler.from_config(model.config, seed=2), default_image_processor(48), token_buckets=buckets
+    )
+    expected, batch = plain(rows), bucketed(rows)
+    assert batch["context_indices"].size(1) in (64, 144) and batch["target_indices"].size(2) in (32, 144)
+    torch.testing.assert_close(batch["pixel_values"], expected["pixel_values"])
+    num_context, num_target = expected["context_indices"].size(1), expected["target_indices"].size(2)
+    assert torch.equal(batch["context_indices"][:, :num_context], expected["context_indices"])
+    assert torch.equal(batch["target_indices"][..., :num_target], expected["target_indices"])
+    assert batch["context_mask"].sum() == expected["context_indices"].numel()
+    assert batch["target_mask"].sum() == expected["target_indices"].numel()
