@@ -79,9 +79,9 @@ def test_smoke_run_writes_every_section(tmp_path):
     assert set(variants) == {
         "ours, eager",
         "reference, eager",
-        "ours, compiled",
+        "ours, compiled per layer",
         "ours, eager, checkpointing",
-        "ours, compiled, checkpointing",
+        "ours, compiled per layer, checkpointing",
     }
     measured = [row for row in variants.values() if row["status"] == "ok"]
     assert variants["ours, eager"]["status"] == "ok"
