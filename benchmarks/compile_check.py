@@ -31,8 +31,8 @@ variant, each with an empty inductor cache, side by side:
   automatic dynamic shapes turn the changing sizes symbolic after the first recompilation);
 - `compiled-static`: the same with static shapes (`ACCELERATE_DYNAMO_USE_DYNAMIC=false`): every new pair of token
   counts is a new graph until dynamo's recompile limit, after which the model runs eagerly;
-- `compiled-buckets`: static shapes on batches padded to a few token counts (`TokenBuckets`, the policy
-  `pretrain.py` applies under `--torch_compile`).
+- `compiled-buckets`: static shapes on batches padded to a few token counts (`TokenBuckets`, what
+  `pretrain.py --torch_compile --compile_token_buckets true` does).
 
 For each: graphs compiled, graphs compiled after the warm-up steps, recompile-limit hits (from dynamo's log), the
 median step time after warm-up, the whole training time, and the largest loss difference to eager (the buckets'

@@ -28,7 +28,7 @@ recorded as `skipped: budget`):
 
 The step section compiles each `IJepaLayer` (regional compilation: one graph per stack, seconds instead of the
 minutes a whole unrolled ViT-H step takes to compile); the end-to-end run compiles the whole model, as
-`--torch_compile` does, with the token buckets `pretrain.py` applies by default.
+`--torch_compile` does (dynamic shapes; `--compile_token_buckets` is off by default).
 
 `--smoke` runs every section on CPU with the micro preset, small batches, fp32 (bf16 on a CPU without native
 support runs ~400x slower: `torch.backends.cpu.get_cpu_capability()` and the CPU flags decide, see

@@ -73,7 +73,8 @@ class CompileWatch(TrainerCallback):
             function = next((line.strip() for line in message.splitlines() if "function:" in line), "")
             logger.warning(
                 "torch.compile fell back to eager at step %d: %s (%s); that function runs uncompiled from now on. "
-                "Varying token counts cause this: keep the token buckets on (the default under --torch_compile).",
+                "Varying token counts under static shapes cause this: leave dynamic shapes on (the default) or pad "
+                "the token counts to a few sizes (--compile_token_buckets true).",
                 state.global_step,
                 first_line,
                 function,

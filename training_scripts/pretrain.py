@@ -118,11 +118,12 @@ class DataArguments:
     crop_scale_min: float = field(default=0.3, metadata={"help": "RandomResizedCrop smallest area fraction."})
     crop_scale_max: float = field(default=1.0, metadata={"help": "RandomResizedCrop largest area fraction."})
     compile_token_buckets: bool = field(
-        default=True,
+        default=False,
         metadata={
             "help": "With --torch_compile: pad each batch's context and target token counts up to a few sizes "
-            "(TokenBuckets; the loss is the unpadded one) and compile static shapes, so that a few graphs serve the "
-            "whole run."
+            "(TokenBuckets; the loss is the unpadded one) and compile static shapes, one graph per bucket. Off by "
+            "default: on CPU, torch's automatic dynamic shapes settled as fast and ran faster (benchmarks/"
+            "compile_check.py --steady_state)."
         },
     )
     require_data: bool = field(
