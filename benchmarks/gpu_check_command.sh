@@ -4,8 +4,9 @@
 #
 #     bash benchmarks/gpu_check_command.sh            # results in $OUT (default outputs/gpu-check)
 #
-# The wheels add what that machine lacks (datasets 5.2 and the packages it pins: pyarrow, pandas, xxhash, fsspec,
-# dill, multiprocess; evaluate; simplejpeg). transformers, accelerate, huggingface_hub and tokenizers are the
+# The wheels add what that machine lacks (datasets 5.2 and the packages it pins: pyarrow, pandas with dateutil,
+# xxhash, fsspec, dill, multiprocess; evaluate; simplejpeg; huggingface_hub 1.33 where the machine's is too old).
+# Pillow and numpy are taken from the machine (torch's usual companions; the versions block says if one is missing). transformers, accelerate, huggingface_hub and tokenizers are the
 # machine's own (transformers 5.17 and accelerate 1.15 were checked on CPU against this code with the smoke run).
 # gpu_check.py writes gpu_check.json / gpu_check.md into $OUT section by section, so a timeout keeps what finished.
 set -u
@@ -14,13 +15,18 @@ mkdir -p "$OUT"
 SITE=/tmp/ijepa-site
 {
     echo "== install"
-    pip install --no-index --no-deps --target "$SITE" .whl/*.whl 2>&1 | tail -n 3
+    # huggingface_hub 1.33 (datasets 5.2 needs >= 1.31, transformers 5.17 < 2) only if the machine's is older.
+    HUB_OK=$(python -c "import huggingface_hub as h; from packaging.version import Version as V; print(int(V(h.__version__) >= V('1.31')))" 2>/dev/null || echo 0)
+    WHEELS=$(ls .whl/*.whl | grep -v huggingface_hub)
+    [ "$HUB_OK" = 1 ] || WHEELS="$WHEELS $(ls .whl/huggingface_hub-*.whl)"
+    echo "machine's huggingface_hub >= 1.31: $HUB_OK"
+    pip install --no-index --no-deps --target "$SITE" $WHEELS 2>&1 | tail -n 3
     export PYTHONPATH="$SITE:$PWD"
     echo "== versions"
     python - <<'EOF'
 import importlib
 
-for name in ("torch", "transformers", "accelerate", "huggingface_hub", "datasets", "pyarrow", "pandas", "simplejpeg"):
+for name in ("torch", "transformers", "accelerate", "huggingface_hub", "datasets", "pyarrow", "pandas", "PIL", "numpy", "simplejpeg"):
     try:
         print(name, importlib.import_module(name).__version__)
     except Exception as error:  # noqa: BLE001
