@@ -182,6 +182,7 @@ def settings(args) -> dict:
             "data_size": (120, 90),
             "data_batch": 8,
             "data_workers": [1, 2],
+            "data_seconds": 1.0,
             "e2e_preset": "vit_micro_patch4_48",
             "e2e_batch": 8,
             "e2e_workers": 1,
@@ -202,6 +203,7 @@ def settings(args) -> dict:
         "data_size": (500, 375),
         "data_batch": 128,
         "data_workers": sorted({1, 2, 4, min(8, os.cpu_count() or 1)}),
+        "data_seconds": 6.0,
         "e2e_preset": args.e2e_preset,
         "e2e_batch": 128,
         "e2e_workers": min(10, os.cpu_count() or 1),
@@ -779,7 +781,7 @@ def section_data(config: dict, budget: float, step_rates: dict, folder: Path) ->
         row = {"workers": workers}
         left = end - time.perf_counter()
         # What is left, shared by the configurations still to measure (start-up of the workers included).
-        seconds = min(6.0, left / (len(config["data_workers"]) - position) / 2)
+        seconds = min(config["data_seconds"], left / (len(config["data_workers"]) - position) / 2)
         try:
             with deadline(left):
                 rate, count = loader_rate(dataset, collator, config["data_batch"], workers, seconds)
