@@ -26,15 +26,17 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
 from .configuration_ijepa import configuration_dir
 from .hardware import require_native_cpu_bf16
+from .masking.settings import MaskSettings
 
 
 RECIPE_SECTIONS = ("model", "mask")
@@ -72,9 +74,50 @@ def load_recipe(path: Path) -> dict:
     if model:
         given = [flat["config_overrides"]] if flat.get("config_overrides") else []
         flat["config_overrides"] = ",".join(given + [f"{key}={json.dumps(value)}" for key, value in model.items()])
+    recipe_keys = MaskSettings.recipe_keys()
     for key, value in (recipe.get("mask") or {}).items():
-        flat["mask_strategy" if key == "strategy" else key] = value
+        if key not in recipe_keys:
+            close = difflib.get_close_matches(key, recipe_keys, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"Recipe {path}: unknown `mask:` key {key!r}{hint}; the keys are {sorted(recipe_keys)}.")
+        flat[recipe_keys[key]] = value
     return flat
+
+
+def _flag_type(annotation):
+    """The optional flag type of a mask setting: pairs become `list[float]` flags (`--target_scale 0.1 0.2`)."""
+    if "tuple" in str(annotation) or "list" in str(annotation):
+        return list[float] | None
+    return {"int": int, "bool": bool, "str": str, "float": float}[str(annotation)] | None
+
+
+def _mask_overrides(self) -> dict:
+    """The mask settings given on the command line or in a recipe (those not left at `None`), by setting name."""
+    return {name: getattr(self, name) for name in MaskSettings.names() if getattr(self, name) is not None}
+
+
+# One optional flag per mask setting, generated from the declaration in `masking/settings.py`: `None` (the default)
+# keeps the value of the model preset / checkpoint, so a flag only overrides what it names.
+MaskArguments = make_dataclass(
+    "MaskArguments",
+    [
+        (
+            setting.name,
+            _flag_type(setting.type),
+            field(
+                default=None,
+                metadata={
+                    "help": setting.metadata["help"]
+                    + (f" One of {list(setting.metadata['choices'])}." if setting.metadata["choices"] else "")
+                    + " Default: the model preset's value."
+                },
+            ),
+        )
+        for setting in fields(MaskSettings)
+    ],
+    namespace={"mask_overrides": _mask_overrides},
+)
+MaskArguments.__doc__ = "The mask settings as optional flags (see `modeling_ijepa.masking.MaskSettings`)."
 
 
 def parse_config_overrides(text: str | None) -> dict:
@@ -174,6 +217,34 @@ class EvaluationDataArguments:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def reconcile_save_and_eval_steps(values: dict, given: set[str]) -> str | None:
+    """
+    Make the checkpoint and evaluation cadences agree when `load_best_model_at_end` needs a checkpoint at every
+    evaluation (`save_steps` a multiple of `eval_steps`): the one set on the command line wins and the other follows
+    it (returns the sentence to log); when both or neither were set there, raise `ValueError` naming the flags.
+    """
+    if not values.get("load_best_model_at_end") or str(values.get("eval_strategy")) != "steps":
+        return None
+    if str(values.get("save_strategy", "steps")) != "steps":
+        return None
+    save_steps, eval_steps = values.get("save_steps"), values.get("eval_steps") or values.get("logging_steps")
+    if not save_steps or not eval_steps or float(save_steps) % float(eval_steps) == 0:
+        return None
+    if "save_steps" in given and "eval_steps" not in given:
+        values["eval_steps"] = save_steps
+        return f"--save_steps {save_steps}: evaluating every {save_steps} steps too (--eval_steps {save_steps})"
+    if "eval_steps" in given and "save_steps" not in given:
+        values["save_steps"] = eval_steps
+        return (
+            f"--eval_steps {eval_steps}: saving a checkpoint every {eval_steps} steps too (--save_steps {eval_steps})"
+        )
+    raise ValueError(
+        f"--save_steps {save_steps} is not a multiple of --eval_steps {eval_steps}, which --load_best_model_at_end "
+        f"needs (a checkpoint at every evaluation): pass --eval_steps {save_steps} (or a divisor of it), change "
+        "--save_steps to a multiple of --eval_steps, or pass --load_best_model_at_end false."
+    )
+
+
 class RecipeArgumentParser(HfArgumentParser):
     """
     `HfArgumentParser` taking defaults from a recipe file, with readable errors.
@@ -248,6 +319,11 @@ class RecipeArgumentParser(HfArgumentParser):
                 # A --config_overrides flag adds to the recipe's model fields; its own keys win.
                 values["config_overrides"] = f"{recipe['config_overrides']},{values['config_overrides']}"
             trains = any(issubclass(dtype, TrainingArguments) for dtype in self.dataclass_types)
+            if trains:
+                given = {item.split("=", 1)[0].lstrip("-").replace("-", "_") for item in argv if item.startswith("--")}
+                note = reconcile_save_and_eval_steps(values, given)
+                if note:
+                    logging.getLogger(self.prog).warning(note)
             if trains and not has_accelerator():
                 # Lets `accelerate launch --num_processes N` run N CPU processes (gloo), and bf16 autocast on CPU.
                 values["use_cpu"] = True
@@ -269,9 +345,11 @@ class RecipeArgumentParser(HfArgumentParser):
 __all__ = [
     "EvaluationDataArguments",
     "EvaluationModelArguments",
+    "MaskArguments",
     "RecipeArgumentParser",
     "has_accelerator",
     "load_recipe",
     "parse_config_overrides",
+    "reconcile_save_and_eval_steps",
     "resolve_recipe",
 ]

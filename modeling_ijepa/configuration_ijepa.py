@@ -10,9 +10,9 @@ from pathlib import Path
 
 from transformers.models.ijepa.configuration_ijepa import IJepaConfig as _TransformersIJepaConfig
 
-from .masking import check_mask_ranges, mask_sampler_class, mask_sampler_from_config
+from .masking import MaskSettingFields, MaskSettings, mask_sampler_class, mask_sampler_from_config
 from .masking.base import pair
-from .masking.multiblock import check_multiblock_options
+from .regularizers import LOSS_TERMS, LossWeightFields
 
 
 # Which features the variance / covariance (VICReg) and SIGReg regularisers act on.
@@ -36,7 +36,7 @@ def list_presets() -> list[str]:
     return sorted(path.stem for path in (configuration_dir() / "models").glob("*.json"))
 
 
-class IJepaConfig(_TransformersIJepaConfig):
+class IJepaConfig(_TransformersIJepaConfig, MaskSettingFields, LossWeightFields):
     r"""
     Configuration of an I-JEPA model: the ViT encoder (every field of transformers' built-in `IJepaConfig`, same names
     and meaning), the narrow predictor ViT and the multi-block mask settings of the paper.
@@ -59,38 +59,19 @@ class IJepaConfig(_TransformersIJepaConfig):
         predictor_num_hidden_layers (`int`, *optional*, defaults to 12): depth of the predictor.
         predictor_num_attention_heads (`int`, *optional*): heads of the predictor; defaults to `num_attention_heads`.
         predictor_intermediate_size (`int`, *optional*): predictor MLP width; defaults to `4 * predictor_hidden_size`.
-        num_target_blocks (`int`, *optional*, defaults to 4): target blocks sampled per image.
-        target_scale (`(float, float)`, *optional*, defaults to `(0.15, 0.2)`): range of a target block's area, as a
-            fraction of the patch grid.
-        target_aspect_ratio (`(float, float)`, *optional*, defaults to `(0.75, 1.5)`): range of a target block's
-            height / width ratio.
-        context_scale (`(float, float)`, *optional*, defaults to `(0.85, 1.0)`): range of the context block's area.
-        context_aspect_ratio (`(float, float)`, *optional*, defaults to `(1.0, 1.0)`): context block aspect range.
-        min_context_patches (`int`, *optional*, defaults to 10): a context must keep more patches than this after the
-            target patches are removed (the official `min_keep`).
-        allow_overlap (`bool`, *optional*, defaults to `False`): keep target patches in the context (off in I-JEPA).
-        mask_strategy (`str`, *optional*, defaults to `"multiblock"`): the masking strategy, a name of
-            `modeling_ijepa.masking.MASK_STRATEGIES` (`"multiblock"`: the official rule; `"random"`: random patches).
-        mask_placement (`str`, *optional*, defaults to `"official"`): where the multiblock rule may put a block:
-            `"official"` draws corners with `randint(0, rows - height)` as the authors' code, so no block ever touches
-            the last row or column; `"uniform"` draws `randint(0, rows - height + 1)`, every position alike.
-        context_truncation (`str`, *optional*, defaults to `"first"`): how the multiblock rule makes the contexts of
-            a batch stack: `"first"` cuts every context to the batch's shortest, keeping its first patches in
-            row-major order (official; biased towards the top of the image); `"random"` cuts to the same length but
-            keeps a uniformly random subset; `"none"` keeps every context whole and pads the shorter ones with the
-            index `-1` (`modeling_ijepa.masking.CONTEXT_PADDING_INDEX`), which `IJepaForPreTraining` turns into an
-            attention mask for the encoder and the predictor.
+        mask settings: `mask_strategy`, `num_target_blocks`, `target_scale`, `target_aspect_ratio`, `context_scale`,
+            `context_aspect_ratio`, `min_context_patches`, `allow_overlap`, `mask_placement`, `context_truncation`:
+            every field of [`~modeling_ijepa.masking.MaskSettings`], declared there with its default (the paper's
+            multi-block rule) and meaning. `context_truncation="none"` keeps every context whole and pads the shorter
+            ones with the index `-1` (`modeling_ijepa.masking.CONTEXT_PADDING_INDEX`), which `IJepaForPreTraining`
+            turns into an attention mask for the encoder and the predictor.
         padded_attention (`str`, *optional*, defaults to `"mask"`): how the `sdpa` attention skips that padding:
             `"mask"` (a boolean key mask: every sequence is computed at the batch's longest length) or `"nested"`
             (variable length: the real tokens of every sequence are packed into a torch jagged nested tensor, so
             torch's SDPA dispatches to its variable-length kernels on GPU and no padding is computed; on CPU torch
             runs its math kernel on it). Same outputs at real tokens; padding tokens get zeros.
-        vicreg_variance_weight (`float`, *optional*, defaults to 0.0): weight of the VICReg variance term (hinge on
-            the per-dimension standard deviation, `mean(relu(1 - std))`) added to the loss; 0 turns it off.
-        vicreg_covariance_weight (`float`, *optional*, defaults to 0.0): weight of the VICReg covariance term (sum of
-            squared off-diagonal covariances divided by the width); 0 turns it off.
-        sigreg_weight (`float`, *optional*, defaults to 0.0): weight of SIGReg (LeJEPA): the Epps-Pulley statistic of
-            `sigreg_num_projections` random 1-D projections of the features against N(0, 1); 0 turns it off.
+        loss-term weights: `vicreg_variance_weight`, `vicreg_covariance_weight`, `sigreg_weight` (default 0.0: off),
+            one field per entry of `modeling_ijepa.regularizers.LOSS_TERMS`, declared there with its meaning.
         sigreg_num_projections (`int`, *optional*, defaults to 256): random directions drawn (from torch's global
             generator, so a resumed run redraws them exactly) at every forward pass for SIGReg.
         regularized_features (`str`, *optional*, defaults to `"pooled_context"`): what the VICReg and SIGReg terms act
@@ -118,21 +99,9 @@ class IJepaConfig(_TransformersIJepaConfig):
     predictor_num_hidden_layers: int = 12
     predictor_num_attention_heads: int | None = None
     predictor_intermediate_size: int | None = None
-    num_target_blocks: int = 4
-    target_scale: list[float] | tuple[float, float] = (0.15, 0.2)
-    target_aspect_ratio: list[float] | tuple[float, float] = (0.75, 1.5)
-    context_scale: list[float] | tuple[float, float] = (0.85, 1.0)
-    context_aspect_ratio: list[float] | tuple[float, float] = (1.0, 1.0)
-    min_context_patches: int = 10
-    allow_overlap: bool = False
-    mask_strategy: str = "multiblock"
-    mask_placement: str = "official"
-    context_truncation: str = "first"
+    # The mask settings (MaskSettingFields) and the loss-term weights (LossWeightFields) are inherited fields.
     padded_attention: str = "mask"
     # Anti-collapse options: all off by default, which leaves the official loss bit for bit.
-    vicreg_variance_weight: float = 0.0
-    vicreg_covariance_weight: float = 0.0
-    sigreg_weight: float = 0.0
     sigreg_num_projections: int = 256
     regularized_features: str = "pooled_context"
     target_normalization: str = "layer_norm"
@@ -143,8 +112,9 @@ class IJepaConfig(_TransformersIJepaConfig):
             self.predictor_num_attention_heads = self.num_attention_heads
         if self.predictor_intermediate_size is None:
             self.predictor_intermediate_size = 4 * self.predictor_hidden_size
-        for name in ("target_scale", "target_aspect_ratio", "context_scale", "context_aspect_ratio"):
-            setattr(self, name, [float(v) for v in getattr(self, name)])
+        for name, value in MaskSettings.from_object(self).as_dict().items():
+            if isinstance(value, (list, tuple)):  # pairs are stored as JSON lists
+                setattr(self, name, [float(v) for v in value])
         super().__post_init__(**kwargs)
         self._validate_ijepa()
 
@@ -168,22 +138,7 @@ class IJepaConfig(_TransformersIJepaConfig):
         that is not a multiple of the patch size), and the mask collator when the masks cannot fit the patch grid.
         """
         mask_sampler_class(self.mask_strategy)
-        check_mask_ranges(
-            self.num_target_blocks,
-            self.target_scale,
-            self.target_aspect_ratio,
-            self.context_scale,
-            self.context_aspect_ratio,
-            self.min_context_patches,
-        )
-        check_multiblock_options(self.mask_placement, self.context_truncation)
-        sampler_options = (self.mask_placement, self.context_truncation)
-        if self.mask_strategy != "multiblock" and sampler_options != ("official", "first"):
-            raise ValueError(
-                f"mask_placement={self.mask_placement!r} / context_truncation={self.context_truncation!r} are options "
-                f"of the 'multiblock' strategy, not of {self.mask_strategy!r}: set mask_strategy='multiblock' or "
-                "leave them at 'official' / 'first'."
-            )
+        MaskSettings.from_object(self).check()
         if self.padded_attention not in PADDED_ATTENTIONS:
             raise ValueError(
                 f"padded_attention={self.padded_attention!r} is not one of {list(PADDED_ATTENTIONS)}: 'mask' "
@@ -192,7 +147,7 @@ class IJepaConfig(_TransformersIJepaConfig):
         self._validate_anti_collapse_options()
 
     def _validate_anti_collapse_options(self) -> None:
-        for name in ("vicreg_variance_weight", "vicreg_covariance_weight", "sigreg_weight"):
+        for name in (term.weight_field for term in LOSS_TERMS):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < float("inf"):
                 raise ValueError(f"{name}={value!r} must be a finite number >= 0 (0 turns the term off).")
@@ -214,8 +169,8 @@ class IJepaConfig(_TransformersIJepaConfig):
 
     @property
     def uses_regularizers(self) -> bool:
-        """Whether any VICReg / SIGReg term is on (a weight above 0)."""
-        return bool(self.vicreg_variance_weight or self.vicreg_covariance_weight or self.sigreg_weight)
+        """Whether any term of `LOSS_TERMS` is on (a weight above 0)."""
+        return any(getattr(self, term.weight_field) for term in LOSS_TERMS)
 
     def check_image_and_patch_size(self) -> None:
         """Raise `ValueError` naming the fix when `image_size` is not a multiple of `patch_size`."""

@@ -14,21 +14,16 @@ cannot be honoured raises a `ValueError` naming the fix.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import socket
 
 import torch
 
+# The output-folder lock lives with the rest of a run's life cycle; importable from here as before.
+from .lifecycle import LOCK_FILE_NAME, OutputDirInUseError, claim_output_dir, release_output_dir
+
 
 logger = logging.getLogger(__name__)
-
-LOCK_FILE_NAME = ".ijepa_run_lock.json"
-
-
-class OutputDirInUseError(ValueError):
-    """Another live training run holds the `output_dir` (see [`claim_output_dir`])."""
 
 
 def requested_fsdp_plugin(training_args) -> accelerate.utils.FullyShardedDataParallelPlugin | None:  # noqa: F821
@@ -164,69 +159,40 @@ def validate_launch(accelerator) -> None:
     )
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# One run per output folder
-# ------------------------------------------------------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def claim_output_dir(output_dir: str) -> str | None:
+class DistributedSetupMixin:
     """
-    Claim `output_dir` for this run by writing `.ijepa_run_lock.json` (host, pid) in it; call it on the main process.
-
-    Returns `None` on success, else a sentence naming the run that holds the folder: a live process on this host. A
-    lock left by a dead process on this host is taken over; one from another host (shared file system, preempted
-    job) is taken over with a warning, since its process cannot be checked from here.
+    The Trainer's accelerator set-up for I-JEPA runs (mixed into `IJepaTrainer`): overrides
+    `Trainer.create_accelerator_and_postprocess` to add FSDP2 on CPU where accelerate leaves it off
+    ([`enable_fsdp2_on_cpu`]), the launch checks ([`validate_launch`]), fp32 gradient reduction under mixed-precision
+    FSDP2, and the log line naming the mode the run really trains in (`self.distributed_mode`).
     """
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, LOCK_FILE_NAME)
-    host, pid = socket.gethostname(), os.getpid()
-    try:
-        with open(path, encoding="utf-8") as handle:
-            holder = json.load(handle)
-    except (FileNotFoundError, json.JSONDecodeError, OSError):
-        holder = None
-    if holder and not (holder.get("host") == host and holder.get("pid") == pid):
-        if holder.get("host") == host and _pid_alive(int(holder.get("pid", -1))):
-            return (
-                f"output_dir {output_dir} is in use by another training run (process {holder['pid']} on this host): "
-                "pass a different --output_dir, or stop that run first."
-            )
-        if holder.get("host") != host:
-            logger.warning(
-                "output_dir %s was last claimed by process %s on host %s; taking it over (make sure that run has "
-                "stopped).",
-                output_dir,
-                holder.get("pid"),
-                holder.get("host"),
-            )
-    temporary = f"{path}.{host}.{pid}"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump({"host": host, "pid": pid}, handle)
-    os.replace(temporary, path)
-    return None
 
-
-def release_output_dir(output_dir: str) -> None:
-    """Remove this process's claim on `output_dir` (no-op when another process holds it)."""
-    path = os.path.join(output_dir, LOCK_FILE_NAME)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            holder = json.load(handle)
-    except (FileNotFoundError, json.JSONDecodeError, OSError):
-        return
-    if holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid():
-        os.remove(path)
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        plugin = requested_fsdp_plugin(self.args)
+        if plugin is not None and not self.is_fsdp_enabled:
+            enable_fsdp2_on_cpu(self.accelerator, plugin)
+            self.is_fsdp_enabled = True
+            if self.args.save_only_model and "SHARDED_STATE_DICT" in str(plugin.state_dict_type):
+                raise ValueError(
+                    "--save_only_model cannot be combined with FSDP's SHARDED_STATE_DICT: drop --save_only_model, or "
+                    "set fsdp_state_dict_type FULL_STATE_DICT."
+                )
+        validate_launch(self.accelerator)
+        if self.is_fsdp_enabled:
+            use_fp32_gradient_reduction(self.accelerator.state.fsdp_plugin)
+        self.distributed_mode = describe_distributed_mode(self.accelerator)
+        logger.info(
+            "distributed mode: %s (process %d; process-group timeout %d s)",
+            self.distributed_mode,
+            self.accelerator.process_index,
+            self.args.ddp_timeout,
+        )
 
 
 __all__ = [
+    "DistributedSetupMixin",
+    "LOCK_FILE_NAME",
     "OutputDirInUseError",
     "requested_fsdp_plugin",
     "enable_fsdp2_on_cpu",

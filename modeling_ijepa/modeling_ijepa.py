@@ -29,7 +29,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_ijepa import IJepaConfig
 from .masking.base import CONTEXT_PADDING_INDEX
-from .regularizers import sigreg_loss, vicreg_covariance_loss, vicreg_variance_loss
+from .regularizers import LOSS_TERMS, PREDICTION_LOSS
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: tuple[int, int]) -> torch.Tensor:
@@ -648,10 +648,6 @@ class IJepaPredictor(nn.Module):
         return predictions.view(batch_size, num_blocks, num_target, -1)
 
 
-# Loss terms of `IJepaForPreTrainingOutput`, set when a regulariser is on (the trainer logs those present).
-LOSS_PARTS = ("prediction_loss", "vicreg_variance_loss", "vicreg_covariance_loss", "sigreg_loss")
-
-
 @dataclass
 class IJepaForPreTrainingOutput(ModelOutput):
     """
@@ -666,9 +662,9 @@ class IJepaForPreTrainingOutput(ModelOutput):
             features used downstream; handy for collapse monitors).
         context_mask: `(batch_size, num_context)` boolean, `False` at padding context tokens (full-context batches,
             `context_truncation="none"`); `None` when no context is padded.
-        prediction_loss: the smooth-L1 term alone, and `vicreg_variance_loss`, `vicreg_covariance_loss`,
-            `sigreg_loss` the regularisers before weighting: set only when a regulariser is on (`loss` is then
-            `prediction_loss` plus the weighted regularisers).
+        loss_terms: set only when a regulariser of `modeling_ijepa.regularizers.LOSS_TERMS` is on: `{name: scalar}`
+            of the smooth-L1 term alone (`"prediction_loss"`) and of each regulariser that is on, before weighting
+            (`loss` is then the prediction loss plus the weighted regularisers); the trainer logs each.
     """
 
     loss: torch.FloatTensor | None = None
@@ -677,10 +673,7 @@ class IJepaForPreTrainingOutput(ModelOutput):
     context_hidden_state: torch.FloatTensor | None = None
     target_pooler_output: torch.FloatTensor | None = None
     context_mask: torch.BoolTensor | None = None
-    prediction_loss: torch.FloatTensor | None = None
-    vicreg_variance_loss: torch.FloatTensor | None = None
-    vicreg_covariance_loss: torch.FloatTensor | None = None
-    sigreg_loss: torch.FloatTensor | None = None
+    loss_terms: dict[str, torch.FloatTensor] | None = None
 
 
 class IJepaForPreTraining(IJepaPreTrainedModel):
@@ -797,16 +790,15 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         else:  # the mean over the real target tokens only
             errors = F.smooth_l1_loss(predictions.float(), targets.float(), reduction="none").sum(dim=-1)
             loss = (errors * target_mask).sum() / (target_mask.sum() * errors.new_tensor(predictions.size(-1)))
-        parts = {}
+        loss_terms = None
         if self.config.uses_regularizers:
-            parts = self._regularizers(predictions, context_hidden_state, context_mask, target_mask)
-            parts["prediction_loss"] = loss
-            weights = {
-                "vicreg_variance_loss": self.config.vicreg_variance_weight,
-                "vicreg_covariance_loss": self.config.vicreg_covariance_weight,
-                "sigreg_loss": self.config.sigreg_weight,
-            }
-            loss = loss + sum(weight * parts[name] for name, weight in weights.items() if name in parts)
+            loss_terms = {PREDICTION_LOSS: loss}
+            features = self._regularized_features(predictions, context_hidden_state, context_mask, target_mask)
+            for term in LOSS_TERMS:
+                weight = getattr(self.config, term.weight_field)
+                if weight:
+                    loss_terms[term.name] = term.function(features, self.config)
+                    loss = loss + weight * loss_terms[term.name]
 
         output = IJepaForPreTrainingOutput(
             loss=loss,
@@ -815,35 +807,25 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
             context_hidden_state=context_hidden_state,
             target_pooler_output=target_output.mean(dim=1),
             context_mask=context_mask,
-            **parts,
+            loss_terms=loss_terms,
         )
         return output if return_dict else output.to_tuple()
 
-    def _regularizers(
+    def _regularized_features(
         self,
         predictions: torch.Tensor,
         context_hidden_state: torch.Tensor,
         context_mask: torch.Tensor | None,
         target_mask: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """The unweighted regularisers that are on, on the `(num_samples, hidden_size)` features they act on."""
-        config = self.config
-        if config.regularized_features == "predictions":
-            features = predictions.flatten(0, 2) if target_mask is None else predictions[target_mask]
-        elif config.regularized_features == "context":
-            features = context_hidden_state.flatten(0, 1)
-            if context_mask is not None:
-                features = context_hidden_state[context_mask]
-        else:  # "pooled_context": one sample per image
-            features = masked_mean(context_hidden_state, context_mask)
-        parts = {}
-        if config.vicreg_variance_weight:
-            parts["vicreg_variance_loss"] = vicreg_variance_loss(features)
-        if config.vicreg_covariance_weight:
-            parts["vicreg_covariance_loss"] = vicreg_covariance_loss(features)
-        if config.sigreg_weight:
-            parts["sigreg_loss"] = sigreg_loss(features, config.sigreg_num_projections)
-        return parts
+    ) -> torch.Tensor:
+        """The `(num_samples, hidden_size)` features the regularisers act on (`config.regularized_features`)."""
+        if self.config.regularized_features == "predictions":
+            return predictions.flatten(0, 2) if target_mask is None else predictions[target_mask]
+        if self.config.regularized_features == "context":
+            return (
+                context_hidden_state[context_mask] if context_mask is not None else context_hidden_state.flatten(0, 1)
+            )
+        return masked_mean(context_hidden_state, context_mask)  # "pooled_context": one sample per image
 
 
 class IJepaForImageClassification(IJepaPreTrainedModel):
@@ -906,7 +888,4 @@ __all__ = [
     "IJepaForImageClassification",
     "get_2d_sincos_pos_embed",
     "gather_tokens",
-    "sigreg_loss",
-    "vicreg_covariance_loss",
-    "vicreg_variance_loss",
 ]

@@ -239,8 +239,93 @@ class KnnMonitor:
         return {"knn_accuracy": accuracy, "knn_accuracy_stderr": stderr, "knn_seconds": time.perf_counter() - start}
 
 
+class KnnEvaluationMixin:
+    """
+    Evaluation hooks of [`~transformers.Trainer`] for pre-training (mixed into `IJepaTrainer`), with a
+    [`KnnMonitor`] as `self.knn_monitor`:
+
+    - `evaluate`: k-NN accuracy of the frozen target encoder on the monitor's images, so `eval_strategy` /
+      `eval_steps` schedule it. Under FSDP2 every process runs the same evaluation on the same images: the root's
+      parameters (embeddings, final norm) are gathered for it with `unshard()`, the layers gather their own in their
+      forward hooks, as in training, and all processes get the same scores;
+    - `_determine_best_metric`: `best_model_rule="latest_within_stderr"` (the latest checkpoint within one standard
+      error of the best score, [`choose_checkpoint`] over the logged scores, so the rule survives a resume) next to
+      the Trainer's own `"best"`; `state.best_metric` is the chosen checkpoint's score.
+    """
+
+    knn_monitor: KnnMonitor | None = None
+
+    @contextlib.contextmanager
+    def _target_encoder_for_evaluation(self):
+        model = self.accelerator.unwrap_model(self.model)
+        root = None
+        if self.is_fsdp_enabled:
+            from torch.distributed.fsdp import FSDPModule
+
+            root = model if isinstance(model, FSDPModule) else None
+            if root is None:
+                raise ValueError(
+                    "The k-NN monitor runs under FSDP2 only (fully_shard); this run uses FSDP1: pass --fsdp_version 2 "
+                    "or turn evaluation off with --eval_strategy no."
+                )
+            root.unshard()
+        try:
+            yield model.get_encoder()
+        finally:
+            if root is not None:
+                root.reshard()
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """
+        With a `knn_monitor`: `{prefix}_knn_accuracy`, its standard error `{prefix}_knn_accuracy_stderr` and
+        `{prefix}_runtime`, logged and returned; no gradient, no random number, no data-loader state is touched, so the
+        training that follows is the same as without evaluation. Without one: the Trainer's own evaluation.
+        """
+        if self.knn_monitor is None:
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        if eval_dataset is not None:
+            raise ValueError(
+                "This trainer's evaluation is its k-NN monitor, which scores its own images: call evaluate() without "
+                "eval_dataset, or build a KnnMonitor for the other images."
+            )
+        start = time.perf_counter()
+        with self._target_encoder_for_evaluation() as encoder:
+            scores = self.knn_monitor.evaluate(
+                encoder, device=self.args.device, autocast=self.autocast_smart_context_manager
+            )
+        names = [name for name in ("knn_accuracy", "knn_accuracy_stderr") if name in scores]
+        metrics = {f"{metric_key_prefix}_{name}": scores[name] for name in names}
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - start, 4)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _determine_best_metric(self, metrics: dict[str, float], trial) -> bool:
+        if self.args.best_model_rule == "best":
+            return super()._determine_best_metric(metrics=metrics, trial=trial)
+        key = self.args.metric_for_best_model
+        key = key if key.startswith("eval_") else f"eval_{key}"
+        for name in (key, f"{key}_stderr"):
+            if name not in metrics:
+                raise KeyError(
+                    f"best_model_rule={self.args.best_model_rule!r} needs {name!r} in the evaluation metrics, which "
+                    f"has {sorted(metrics)}: evaluate with the k-NN monitor (metric_for_best_model knn_accuracy), or "
+                    "use best_model_rule best."
+                )
+        step = self.state.global_step
+        scores = logged_scores(self.state.log_history, key)
+        scores[step] = (metrics[key], metrics[f"{key}_stderr"])
+        if choose_checkpoint(scores, self.args.best_model_rule, self.args.greater_is_better) != step:
+            return False
+        self.state.best_metric = metrics[key]
+        if self.args.save_strategy in ("steps", "epoch", "best"):
+            self.state.best_global_step = step
+        return True
+
+
 __all__ = [
     "BEST_MODEL_RULES",
+    "KnnEvaluationMixin",
     "KnnMonitor",
     "UnlabelledMonitorImagesError",
     "check_best_model_rule",

@@ -1,12 +1,19 @@
 # Copyright 2026 The ijepa-hf Authors. All rights reserved.
 # Licensed under the Apache License, Version 2.0.
-"""Anti-collapse regularisers of pre-training features, off by default (`IJepaConfig.vicreg_*_weight`, `sigreg_*`).
+"""Anti-collapse regularisers of pre-training features, off by default, and their registry `LOSS_TERMS`.
 
 Pure functions of `(num_samples, dim)` features, returning a scalar loss: VICReg's variance and covariance terms and
-LeJEPA's SIGReg. `IJepaForPreTraining` adds them, weighted, to the prediction loss.
+LeJEPA's SIGReg. Each is one [`LossTerm`] of `LOSS_TERMS` (its name, the configuration field of its weight, and the
+function), from which the rest is derived: `IJepaConfig` gets one weight field per term (default 0: off, through
+[`LossWeightFields`]), `IJepaForPreTraining` adds the terms whose weight is above 0, weighted, to the prediction loss
+and returns each unweighted in `loss_terms`, and the trainer logs them under their names. Adding a term is one entry
+of `LOSS_TERMS` plus its function.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, make_dataclass
 
 import torch
 import torch.nn.functional as F
@@ -72,4 +79,65 @@ def sigreg_loss(
     return statistic.mean()
 
 
-__all__ = ["vicreg_variance_loss", "vicreg_covariance_loss", "sigreg_loss"]
+@dataclass(frozen=True)
+class LossTerm:
+    """
+    One regulariser of the pre-training loss.
+
+    Args:
+        name: the key of the unweighted term in the model output's `loss_terms` and in the training logs.
+        weight_field: the `IJepaConfig` field of its weight (default 0, which turns the term off).
+        function: `function(features, config) -> scalar`, on the `(num_samples, dim)` features that
+            `config.regularized_features` chooses.
+        help: one sentence for the configuration's documentation.
+    """
+
+    name: str
+    weight_field: str
+    function: Callable[[torch.Tensor, object], torch.Tensor]
+    help: str
+
+
+LOSS_TERMS: tuple[LossTerm, ...] = (
+    LossTerm(
+        "vicreg_variance_loss",
+        "vicreg_variance_weight",
+        lambda features, config: vicreg_variance_loss(features),
+        "Weight of the VICReg variance term (hinge on the per-dimension std, mean(relu(1 - std))); 0 turns it off.",
+    ),
+    LossTerm(
+        "vicreg_covariance_loss",
+        "vicreg_covariance_weight",
+        lambda features, config: vicreg_covariance_loss(features),
+        "Weight of the VICReg covariance term (squared off-diagonal covariances / width); 0 turns it off.",
+    ),
+    LossTerm(
+        "sigreg_loss",
+        "sigreg_weight",
+        lambda features, config: sigreg_loss(features, config.sigreg_num_projections),
+        "Weight of SIGReg (LeJEPA: Epps-Pulley statistic of sigreg_num_projections random 1-D projections against "
+        "N(0, 1)); 0 turns it off.",
+    ),
+)
+
+# The name of the prediction (smooth-L1) term in `loss_terms`, next to the regularisers' names.
+PREDICTION_LOSS = "prediction_loss"
+
+# One weight field per loss term (default 0.0), for `IJepaConfig` to inherit.
+LossWeightFields = make_dataclass(
+    "LossWeightFields",
+    [(term.weight_field, float, field(default=0.0, metadata={"help": term.help})) for term in LOSS_TERMS],
+    kw_only=True,
+)
+LossWeightFields.__doc__ = "The weights of the loss terms of `LOSS_TERMS`, as plain dataclass fields."
+
+
+__all__ = [
+    "LOSS_TERMS",
+    "LossTerm",
+    "LossWeightFields",
+    "PREDICTION_LOSS",
+    "sigreg_loss",
+    "vicreg_covariance_loss",
+    "vicreg_variance_loss",
+]

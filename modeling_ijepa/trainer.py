@@ -1,92 +1,49 @@
-"""I-JEPA pre-training with `transformers.Trainer`: schedules, target-encoder EMA, collapse monitors, safe checkpoints.
+"""I-JEPA pre-training with `transformers.Trainer`: the I-JEPA step and the Trainer hooks it needs.
 
 The I-JEPA step is the Trainer's own step (forward, backward, optimiser, LR scheduler) plus, after every *optimiser*
 step, the EMA update of the target encoder and the weight-decay schedule (a callback, so it is correct under gradient
 accumulation). Every schedule is a pure function of the global step, so resuming a checkpoint resumes them exactly.
+The other jobs of a run live in the modules that own them and are mixed into [`IJepaTrainer`]:
 
-transformers / accelerate internals this module relies on (check them when upgrading either library):
-- `Trainer._save_checkpoint` and `transformers.trainer.PREFIX_CHECKPOINT_DIR` (swapped for the staging name during a
-  save), `transformers.trainer.rotate_checkpoints` (re-applied after the rename): atomic checkpoints;
-- `Trainer._load_from_checkpoint` (overridden to load through `from_pretrained`, which maps our vanilla key names);
-- `Trainer._determine_best_metric` and `TrainerState.best_metric` / `best_global_step` (`best_model_rule`);
-- `Trainer.create_accelerator_and_postprocess` and `Trainer.is_fsdp_enabled`, `Accelerator._dataloaders` (a streamed
-  loader prepared here is registered like the Trainer's own); accelerate's `AcceleratorState` / `PartialState`
-  distributed type and FSDP plugin (set for CPU FSDP2 in `distributed.py`, where accelerate stops at MULTI_CPU).
+Each job, its module, and the transformers / accelerate internals it overrides or reads (and why):
+
+- checkpoints, `checkpoints.py`: `Trainer._get_output_dir` (redirects a save into its staging folder) and
+  `_save_checkpoint` (flush, manifest, rename), `transformers.trainer.rotate_checkpoints` (re-applied after the
+  rename); `_load_from_checkpoint` / `_load_best_model` (weights through `from_pretrained`, which maps our
+  vanilla-compatible key names; the Trainer's raw load would skip them);
+- evaluation, `monitoring.py`: `Trainer.evaluate` (the k-NN monitor), `_determine_best_metric` and
+  `TrainerState.best_metric` / `best_global_step` (`best_model_rule`);
+- distributed set-up, `distributed.py`: `Trainer.create_accelerator_and_postprocess`, `Trainer.is_fsdp_enabled`;
+  accelerate's `AcceleratorState` / `PartialState` distributed type and FSDP plugin (CPU FSDP2, where accelerate
+  stops at MULTI_CPU);
+- the run's life cycle, `lifecycle.py`: no internal; the output-folder lock around `train()`, and preemption as a
+  `TrainerCallback`;
+- streamed data, this module: `Trainer.get_train_dataloader`, `Accelerator._dataloaders` (a streamed loader prepared
+  here is registered like the Trainer's own).
+
+Check those when upgrading either library.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import time
-from dataclasses import dataclass, field
 
 import torch
-import transformers.trainer as transformers_trainer
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
+from .checkpoints import CheckpointingMixin, remove_staging_dirs, resolve_checkpoint
 from .data import shard_for_process
-from .distributed import (
-    OutputDirInUseError,
-    claim_output_dir,
-    describe_distributed_mode,
-    enable_fsdp2_on_cpu,
-    release_output_dir,
-    requested_fsdp_plugin,
-    use_fp32_gradient_reduction,
-    validate_launch,
-)
+from .distributed import DistributedSetupMixin
 from .hardware import require_native_cpu_bf16
-from .modeling_ijepa import LOSS_PARTS, IJepaForPreTraining
-from .monitoring import BEST_MODEL_RULES, check_best_model_rule, choose_checkpoint, effective_rank, logged_scores
+from .lifecycle import OutputDirInUseError, PreemptionCallback, claim_output_dir, release_output_dir
+from .modeling_ijepa import IJepaForPreTraining
+from .monitoring import KnnEvaluationMixin, effective_rank
 from .optimization import ijepa_ema_momentum, ijepa_learning_rate, ijepa_optimizer, ijepa_weight_decay
+from .training_args import IJepaTrainingArguments
 
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class IJepaTrainingArguments(TrainingArguments):
-    """[`~transformers.TrainingArguments`] plus the I-JEPA schedules (defaults: the official ViT-H/14 recipe)."""
-
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate, reached after warm-up."})
-    start_lr: float = field(default=2e-4, metadata={"help": "Learning rate at the start of the linear warm-up."})
-    final_lr: float = field(default=1e-6, metadata={"help": "Learning rate at the end of the cosine decay."})
-    weight_decay: float = field(default=0.04, metadata={"help": "Weight decay at the start of its cosine schedule."})
-    final_weight_decay: float = field(
-        default=0.4, metadata={"help": "Weight decay at the end of its cosine schedule."}
-    )
-    ema_momentum_start: float = field(
-        default=0.996, metadata={"help": "Target-encoder EMA momentum at the start, linear to ema_momentum_end."}
-    )
-    ema_momentum_end: float = field(default=1.0, metadata={"help": "Target-encoder EMA momentum at the end."})
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Kept False: the I-JEPA collator needs the raw `image` column."}
-    )
-    monitor_collapse: bool = field(
-        default=True, metadata={"help": "Log target-feature std and effective rank at every logging step."}
-    )
-    best_model_rule: str = field(
-        default="best",
-        metadata={
-            "help": "How `metric_for_best_model` picks the best checkpoint: 'best' (the Trainer's rule: the highest "
-            "score) or 'latest_within_stderr' (the latest checkpoint scoring within one standard error of the "
-            "highest, the one-standard-error rule: a noisy monitor does not pick an early checkpoint by luck; the "
-            "evaluation must report the metric's standard error as `<metric>_stderr`, as the k-NN monitor does).",
-            "choices": list(BEST_MODEL_RULES),
-        },
-    )
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_best_model_rule(self.best_model_rule)
-        if self.best_model_rule != "best" and self.metric_for_best_model is None:
-            raise ValueError(
-                f"best_model_rule={self.best_model_rule!r} picks among evaluated checkpoints: set "
-                "metric_for_best_model too (e.g. knn_accuracy with the k-NN monitor)."
-            )
 
 
 class _IJepaScheduleCallback(TrainerCallback):
@@ -107,7 +64,7 @@ class _IJepaScheduleCallback(TrainerCallback):
         self.trainer._set_weight_decay(state.global_step + 1)
 
 
-class IJepaTrainer(Trainer):
+class IJepaTrainer(CheckpointingMixin, KnnEvaluationMixin, DistributedSetupMixin, Trainer):
     """
     [`~transformers.Trainer`] for [`IJepaForPreTraining`].
 
@@ -117,9 +74,13 @@ class IJepaTrainer(Trainer):
       from `ema_momentum_start` to `ema_momentum_end`;
     - logs lr, wd, momentum, context/target token counts and collapse monitors (std of the target features over
       samples, averaged over dimensions, and the effective rank of the pooled target features), and the loss terms
-      (`prediction_loss`, `vicreg_*_loss`, `sigreg_loss`) when a regulariser of the configuration is on;
+      (the model output's `loss_terms`: `prediction_loss` and each regulariser that is on);
     - a non-finite loss stops the run before the optimiser step, so the last checkpoint stays the last good one;
-    - checkpoints are written to a staging folder and renamed, so a kill during a save never leaves a partial one;
+    - checkpoints are written to a staging folder, flushed and renamed, so a kill during a save never leaves a partial
+      one; `resume_from_checkpoint="last"` takes the newest complete checkpoint, a named damaged one fails at start
+      (`checkpoints.py`);
+    - SIGTERM / SIGUSR1 stop the run at the next optimiser-step boundary with a checkpoint there, on every process
+      together (`self.preemption.preempted_at_step`; `lifecycle.py`);
     - with a `knn_monitor` ([`~modeling_ijepa.monitoring.KnnMonitor`]), [`evaluate`] scores the frozen target encoder
       by k-NN on labelled images (`eval_knn_accuracy`), so `eval_strategy` / `eval_steps` schedule it and
       `metric_for_best_model="knn_accuracy"` with `load_best_model_at_end` keeps the best encoder, not the last
@@ -145,47 +106,54 @@ class IJepaTrainer(Trainer):
             kwargs["eval_dataset"] = knn_monitor.eval_dataset  # what `evaluate` scores; satisfies eval_strategy
         super().__init__(model=model, args=args, **kwargs)
         self.add_callback(_IJepaScheduleCallback(self))
+        self.preemption = PreemptionCallback()
+        self.add_callback(self.preemption)
         self._step_metrics: dict[str, float] = {}
 
-    # -- distributed set-up ------------------------------------------------------------------------------------------
-    def create_accelerator_and_postprocess(self) -> None:
-        """The Trainer's accelerator, then FSDP2 on CPU where accelerate leaves it off, launch checks, and the log."""
-        super().create_accelerator_and_postprocess()
-        plugin = requested_fsdp_plugin(self.args)
-        if plugin is not None and not self.is_fsdp_enabled:
-            enable_fsdp2_on_cpu(self.accelerator, plugin)
-            self.is_fsdp_enabled = True
-            if self.args.save_only_model and "SHARDED_STATE_DICT" in str(plugin.state_dict_type):
-                raise ValueError(
-                    "--save_only_model cannot be combined with FSDP's SHARDED_STATE_DICT: drop --save_only_model, or "
-                    "set fsdp_state_dict_type FULL_STATE_DICT."
-                )
-        validate_launch(self.accelerator)
-        if self.is_fsdp_enabled and self.knn_monitor is not None:
-            raise ValueError(
-                "The k-NN monitor does not run under FSDP yet (the target encoder's root parameters stay sharded "
-                "outside the model's forward): set --eval_strategy no, or train with DDP."
-            )
-        if self.is_fsdp_enabled:
-            use_fp32_gradient_reduction(self.accelerator.state.fsdp_plugin)
-        self.distributed_mode = describe_distributed_mode(self.accelerator)
-        logger.info("distributed mode: %s (process %d)", self.distributed_mode, self.accelerator.process_index)
-
-    def train(self, *args, **kwargs):
-        """[`~transformers.Trainer.train`], with `output_dir` claimed for this run while it trains."""
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """
+        [`~transformers.Trainer.train`] with `output_dir` claimed for this run while it trains, leftover staging
+        folders of killed saves removed, and `resume_from_checkpoint` resolved by the main process for all of them
+        (`"last"` / `True`: the newest complete checkpoint, or a fresh start when there is none; a path: checked).
+        After a preemption signal it returns at the step of the checkpoint it wrote (`self.preemption`).
+        """
         from accelerate.utils import broadcast_object_list
 
         output_dir = self.args.output_dir
-        refusal = [claim_output_dir(output_dir) if self.args.should_save else None]
+        decision = [None, None, None]  # refusal, checkpoint, error
+        if self.args.should_save:
+            decision[0] = claim_output_dir(output_dir)
+            if decision[0] is None:
+                removed = remove_staging_dirs(output_dir)
+                if removed:
+                    logger.warning("removed unfinished checkpoint saves of an earlier run: %s", ", ".join(removed))
+                try:
+                    decision[1] = resolve_checkpoint(resume_from_checkpoint, output_dir)
+                except ValueError as error:
+                    decision[2] = str(error)
         if self.accelerator.num_processes > 1:
-            broadcast_object_list(refusal)
-        if refusal[0] is not None:
-            raise OutputDirInUseError(refusal[0])
+            broadcast_object_list(decision)
+        refusal, checkpoint, error = decision
+        if refusal is not None:
+            raise OutputDirInUseError(refusal)
         try:
-            return super().train(*args, **kwargs)
+            if error is not None:
+                from .checkpoints import DamagedCheckpointError
+
+                raise DamagedCheckpointError(error)
+            if resume_from_checkpoint not in (None, False) and checkpoint is None:
+                logger.info("no complete checkpoint to resume in %s: starting from scratch", output_dir)
+            elif checkpoint is not None:
+                logger.info("resuming from %s", checkpoint)
+            return super().train(resume_from_checkpoint=checkpoint, **kwargs)
         finally:
             if self.args.should_save:
                 release_output_dir(output_dir)
+
+    def _load_best_model(self) -> None:
+        """Not after a preemption: the run is to be resumed, not finished."""
+        if self.preemption.preempted_at_step is None:
+            super()._load_best_model()
 
     # -- optimiser and schedules ------------------------------------------------------------------------------------
     def _ijepa_model(self) -> IJepaForPreTraining:
@@ -309,9 +277,8 @@ class IJepaTrainer(Trainer):
             dropped = getattr(self.data_collator, "num_dropped", None)
             if dropped is not None:  # counted in this process (DataLoader workers keep their own counts)
                 self._step_metrics["skipped_images"] = float(dropped)
-            for name in LOSS_PARTS:  # the loss terms, when a regulariser is on
-                if getattr(outputs, name, None) is not None:
-                    self._step_metrics[name] = float(getattr(outputs, name).detach())
+            for name, value in (outputs.loss_terms or {}).items():  # set when a regulariser is on
+                self._step_metrics[name] = float(value.detach())
             if self.args.monitor_collapse:
                 with torch.no_grad():
                     targets, target_mask = outputs.targets.detach().float(), inputs.get("target_mask")
@@ -340,144 +307,6 @@ class IJepaTrainer(Trainer):
         if "loss" in logs:
             logs.update(self._step_metrics)
         super().log(logs, start_time)
-
-    # -- evaluation -------------------------------------------------------------------------------------------------
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """
-        With a `knn_monitor`: k-NN accuracy of the frozen target encoder on the monitor's images, logged and returned
-        as `{prefix}_knn_accuracy` with its standard error `{prefix}_knn_accuracy_stderr` (plus `{prefix}_runtime`);
-        no gradient, no random number, no data-loader state is touched, so the training that follows is the same as
-        without evaluation. Without one: the Trainer's own evaluation of `eval_dataset`.
-        """
-        if self.knn_monitor is None:
-            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
-        if eval_dataset is not None:
-            raise ValueError(
-                "This trainer's evaluation is its k-NN monitor, which scores its own images: call evaluate() without "
-                "eval_dataset, or build a KnnMonitor for the other images."
-            )
-        start = time.perf_counter()
-        scores = self.knn_monitor.evaluate(
-            self._ijepa_model().get_encoder(), device=self.args.device, autocast=self.autocast_smart_context_manager
-        )
-        names = [name for name in ("knn_accuracy", "knn_accuracy_stderr") if name in scores]
-        metrics = {f"{metric_key_prefix}_{name}": scores[name] for name in names}
-        metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - start, 4)
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
-
-    def _determine_best_metric(self, metrics: dict[str, float], trial) -> bool:
-        """
-        Whether this evaluation's checkpoint becomes the best one. `best_model_rule="best"`: the Trainer's rule.
-        `"latest_within_stderr"`: [`choose_checkpoint`] over every score logged so far (the log history holds them,
-        so the rule survives a resume); `state.best_metric` is the chosen checkpoint's score.
-        """
-        if self.args.best_model_rule == "best":
-            return super()._determine_best_metric(metrics=metrics, trial=trial)
-        key = self.args.metric_for_best_model
-        key = key if key.startswith("eval_") else f"eval_{key}"
-        for name in (key, f"{key}_stderr"):
-            if name not in metrics:
-                raise KeyError(
-                    f"best_model_rule={self.args.best_model_rule!r} needs {name!r} in the evaluation metrics, which "
-                    f"has {sorted(metrics)}: evaluate with the k-NN monitor (metric_for_best_model knn_accuracy), or "
-                    "use best_model_rule best."
-                )
-        step = self.state.global_step
-        scores = logged_scores(self.state.log_history, key)
-        scores[step] = (metrics[key], metrics[f"{key}_stderr"])
-        if choose_checkpoint(scores, self.args.best_model_rule, self.args.greater_is_better) != step:
-            return False
-        self.state.best_metric = metrics[key]
-        if self.args.save_strategy in ("steps", "epoch", "best"):
-            self.state.best_global_step = step
-        return True
-
-    # -- checkpoints ------------------------------------------------------------------------------------------------
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """
-        Restore the weights through `from_pretrained`, which maps the vanilla-compatible key names of our files back
-        onto the modules (the Trainer's raw `load_state_dict` would silently skip them). FSDP / DeepSpeed checkpoints
-        hold module names already and go through the Trainer's own loader.
-        """
-        model = self.model if model is None else model
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
-        target = self.accelerator.unwrap_model(model)
-        loaded = type(target).from_pretrained(resume_from_checkpoint)
-        state = loaded.state_dict()
-        missing = set(target.state_dict()) ^ set(state)
-        if missing:
-            raise ValueError(
-                f"Checkpoint {resume_from_checkpoint} does not match the model (keys differ: {sorted(missing)[:5]}): "
-                "resume with the same --model_preset and --config_overrides it was trained with."
-            )
-        target.load_state_dict(state)
-
-    def _load_best_model(self) -> None:
-        """
-        `load_best_model_at_end`, through [`_load_from_checkpoint`]: the Trainer's own loader is not strict and would
-        skip our vanilla-compatible key names.
-        """
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            return super()._load_best_model()
-        logger.info("loading the best model, %s (score %s)", self.state.best_model_checkpoint, self.state.best_metric)
-        self._load_from_checkpoint(self.state.best_model_checkpoint)
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """
-        [`~transformers.Trainer.save_model`]; under FSDP with sharded state dicts the Trainer writes nothing here (its
-        checkpoints hold the sharded state), so the final model is gathered and saved as one safetensors file that
-        `from_pretrained` loads. Collective: call it on every process.
-        """
-        plugin = self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None
-        sharded = plugin is not None and "SHARDED_STATE_DICT" in str(plugin.state_dict_type)
-        if not sharded or _internal_call:
-            return super().save_model(output_dir, _internal_call=_internal_call)
-        output_dir = self.args.output_dir if output_dir is None else output_dir
-        state_dict = self.accelerator.get_state_dict(self.model)  # gathered on the main process
-        if self.args.should_save:
-            # A plain (unsharded) copy built on the meta device holds the gathered tensors without copying them.
-            model = self._ijepa_model()
-            with torch.device("meta"):
-                plain = type(model)(model.config)
-            plain.load_state_dict(state_dict, assign=True)
-            plain.save_pretrained(output_dir)
-        self.accelerator.wait_for_everyone()
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """Write `checkpoint-N` under a staging name, renamed when complete (a kill never leaves a partial one)."""
-        final_dir = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        staging_prefix = "tmp-checkpoint"
-        staging_dir = os.path.join(self._get_output_dir(trial=trial), f"{staging_prefix}-{self.state.global_step}")
-        original_prefix = transformers_trainer.PREFIX_CHECKPOINT_DIR
-        transformers_trainer.PREFIX_CHECKPOINT_DIR = staging_prefix
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            transformers_trainer.PREFIX_CHECKPOINT_DIR = original_prefix
-        # The Trainer recorded the best checkpoint under the staging name (or missed it): point it at its final name.
-        best_step = self.state.best_global_step
-        best_dir = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{best_step}")
-        best_moved = bool(best_step) and (best_step == self.state.global_step or os.path.isdir(best_dir))
-        if best_moved:
-            self.state.best_model_checkpoint = best_dir
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            if best_moved:  # the copy of the state inside the checkpoint, read on resume
-                self.state.save_to_json(os.path.join(staging_dir, transformers_trainer.TRAINER_STATE_NAME))
-            if os.path.isdir(final_dir):
-                shutil.rmtree(final_dir)
-            os.replace(staging_dir, final_dir)
-            # The Trainer rotated old checkpoints before the rename; apply `save_total_limit` to the new set.
-            transformers_trainer.rotate_checkpoints(
-                output_dir=self._get_output_dir(trial=trial),
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
-        self.accelerator.wait_for_everyone()
 
 
 __all__ = [

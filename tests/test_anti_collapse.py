@@ -15,7 +15,6 @@ from transformers import TrainerCallback
 from modeling_ijepa import IJepaConfig, IJepaForPreTraining
 from modeling_ijepa.data import IJepaPretrainingCollator, default_image_processor, load_digits_dataset
 from modeling_ijepa.masking import mask_sampler_from_config
-from modeling_ijepa.modeling_ijepa import LOSS_PARTS
 from modeling_ijepa.regularizers import sigreg_loss, vicreg_covariance_loss, vicreg_variance_loss
 from modeling_ijepa.trainer import IJepaTrainer, IJepaTrainingArguments
 
@@ -57,7 +56,7 @@ def test_with_every_option_off_the_loss_is_the_official_one_bit_for_bit():
     batch = batch_for(config)
     outputs = model(**batch)
     assert torch.equal(outputs.loss, official_loss(model, batch))
-    for name in (*LOSS_PARTS, "context_mask"):
+    for name in ("loss_terms", "context_mask"):
         assert getattr(outputs, name) is None, name
     assert len(model(**batch, return_dict=False)) == 5  # the tuple output keeps its official entries only
 
@@ -123,17 +122,17 @@ def test_loss_adds_the_weighted_regularisers_and_exposes_each_term():
     model = IJepaForPreTraining(config)
     batch = batch_for(config)
     outputs = model(**batch)
-    assert torch.equal(outputs.prediction_loss, official_loss(model, batch))
+    assert torch.equal(outputs.loss_terms["prediction_loss"], official_loss(model, batch))
     expected = (
-        outputs.prediction_loss
-        + 0.5 * outputs.vicreg_variance_loss
-        + 0.04 * outputs.vicreg_covariance_loss
-        + 0.1 * outputs.sigreg_loss
+        outputs.loss_terms["prediction_loss"]
+        + 0.5 * outputs.loss_terms["vicreg_variance_loss"]
+        + 0.04 * outputs.loss_terms["vicreg_covariance_loss"]
+        + 0.1 * outputs.loss_terms["sigreg_loss"]
     )
     torch.testing.assert_close(outputs.loss, expected)
     pooled = outputs.context_hidden_state.mean(dim=1)  # default: one pooled context feature per image
-    torch.testing.assert_close(outputs.vicreg_variance_loss, vicreg_variance_loss(pooled))
-    torch.testing.assert_close(outputs.vicreg_covariance_loss, vicreg_covariance_loss(pooled))
+    torch.testing.assert_close(outputs.loss_terms["vicreg_variance_loss"], vicreg_variance_loss(pooled))
+    torch.testing.assert_close(outputs.loss_terms["vicreg_covariance_loss"], vicreg_covariance_loss(pooled))
 
 
 @pytest.mark.parametrize(
@@ -147,13 +146,13 @@ def test_loss_adds_the_weighted_regularisers_and_exposes_each_term():
 def test_regularized_features_choose_what_the_regularisers_see(features, select):
     config = tiny_config(vicreg_variance_weight=1.0, regularized_features=features)
     outputs = IJepaForPreTraining(config)(**batch_for(config))
-    torch.testing.assert_close(outputs.vicreg_variance_loss, vicreg_variance_loss(select(outputs)))
+    torch.testing.assert_close(outputs.loss_terms["vicreg_variance_loss"], vicreg_variance_loss(select(outputs)))
 
 
 def test_regularisers_send_gradients_to_the_encoder_and_never_the_target_encoder():
     config = tiny_config(sigreg_weight=1.0)
     model = IJepaForPreTraining(config)
-    model(**batch_for(config)).sigreg_loss.backward()
+    model(**batch_for(config)).loss_terms["sigreg_loss"].backward()
     assert model.encoder.layers[0].mlp.fc1.weight.grad.abs().sum() > 0
     assert all(parameter.grad is None for parameter in model.target_encoder.parameters())
 

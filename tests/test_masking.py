@@ -242,20 +242,20 @@ def test_random_strategy_gives_disjoint_sorted_masks_of_the_drawn_sizes(config):
 
 
 def test_a_new_strategy_is_one_class_and_one_registry_entry(config, monkeypatch):
-    """The protocol: `from_config` and `sample_masks`; seeding and collating come from `MaskSampler`."""
+    """The protocol: a `strategy` name and `sample_masks`; settings, seeding and collating come from `MaskSampler`."""
 
     class FirstPatches(MaskSampler):
-        @classmethod
-        def from_config(cls, config, seed=0):
-            return cls(config.grid_size, seed)
+        strategy = "first_patches"
 
         def sample_masks(self, batch_size, generator):
             indices = torch.arange(self.grid_size[0] * self.grid_size[1]).expand(batch_size, -1)
             return indices[:, 20:], indices[:, :20].reshape(batch_size, 2, 10)
 
-    monkeypatch.setitem(MASK_STRATEGIES, "first_patches", FirstPatches)
+    monkeypatch.setitem(MASK_STRATEGIES, FirstPatches.strategy, FirstPatches)
     config.mask_strategy = "first_patches"
-    batch = mask_sampler_from_config(config)(examples(2))
+    sampler = mask_sampler_from_config(config)
+    assert sampler.target_scale == tuple(config.target_scale) and sampler.settings.mask_strategy == "first_patches"
+    batch = sampler(examples(2))
     assert batch["target_indices"].shape == (2, 2, 10) and batch["context_indices"].shape == (
         2,
         config.num_patches - 20,

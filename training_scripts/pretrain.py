@@ -29,14 +29,15 @@ from pathlib import Path
 
 import transformers
 from transformers import set_seed
-from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
+from transformers.trainer_utils import IntervalStrategy
 
 from modeling_ijepa import IJepaConfig, IJepaForPreTraining, IJepaModel
-from modeling_ijepa.cli import RecipeArgumentParser, parse_config_overrides
+from modeling_ijepa.checkpoints import DamagedCheckpointError, resolve_checkpoint
+from modeling_ijepa.cli import MaskArguments, RecipeArgumentParser, parse_config_overrides
 from modeling_ijepa.compile_watch import CompileWatch
 from modeling_ijepa.data import IJepaPretrainingCollator, TokenBuckets, default_image_processor, load_image_dataset
-from modeling_ijepa.distributed import OutputDirInUseError
-from modeling_ijepa.masking import MASK_SETTINGS, mask_sampler_from_config
+from modeling_ijepa.lifecycle import EXIT_PREEMPTED, OutputDirInUseError, preemption_message
+from modeling_ijepa.masking import mask_sampler_from_config
 from modeling_ijepa.monitoring import KnnMonitor, UnlabelledMonitorImagesError, load_knn_monitor_datasets
 from modeling_ijepa.output_layout import pretraining_dir, write_output_layout
 from modeling_ijepa.trainer import IJepaTrainer, IJepaTrainingArguments
@@ -48,8 +49,9 @@ DEFAULT_RECIPE = "tiny-cpu"
 
 
 @dataclass
-class ModelArguments:
-    """Which model to pre-train."""
+class ModelArguments(MaskArguments):
+    """Which model to pre-train, and its mask settings (one optional flag per setting, generated from
+    `modeling_ijepa.masking.MaskSettings`; in a recipe, also as a `mask:` mapping)."""
 
     model_preset: str = field(
         default="vit_micro_patch4_48",
@@ -67,40 +69,6 @@ class ModelArguments:
         },
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "'sdpa' (fused kernels) or 'eager'."})
-    # Masking (default: the preset's values; in a recipe, also as a `mask:` mapping).
-    mask_strategy: str | None = field(
-        default=None, metadata={"help": "Masking strategy: 'multiblock' (the official rule) or 'random'."}
-    )
-    num_target_blocks: int | None = field(default=None, metadata={"help": "Target blocks per image (4)."})
-    target_scale: list[float] | None = field(
-        default=None, metadata={"help": "Target block area range, fractions of the patch grid, e.g. 0.15 0.2."}
-    )
-    target_aspect_ratio: list[float] | None = field(
-        default=None, metadata={"help": "Target block height/width range, e.g. 0.75 1.5."}
-    )
-    context_scale: list[float] | None = field(default=None, metadata={"help": "Context block area range (0.85 1.0)."})
-    context_aspect_ratio: list[float] | None = field(
-        default=None, metadata={"help": "Context block height/width range (1.0 1.0)."}
-    )
-    min_context_patches: int | None = field(
-        default=None, metadata={"help": "A context keeps more patches than this (the official min_keep, 10)."}
-    )
-    allow_overlap: bool | None = field(default=None, metadata={"help": "Keep target patches in the context."})
-    mask_placement: str | None = field(
-        default=None,
-        metadata={"help": "Multiblock block corners: 'official' (never the last row/column) or 'uniform' (anywhere)."},
-    )
-    context_truncation: str | None = field(
-        default=None,
-        metadata={
-            "help": "Multiblock contexts of a batch: 'first' (official: cut to the shortest, first patches kept), "
-            "'random' (cut to the shortest, random subset kept) or 'none' (kept whole, padded, masked in attention)."
-        },
-    )
-
-    def mask_overrides(self) -> dict:
-        """The mask settings given on the command line or in the recipe, as `IJepaConfig` fields."""
-        return {name: getattr(self, name) for name in MASK_SETTINGS if getattr(self, name) is not None}
 
 
 @dataclass
@@ -379,21 +347,20 @@ def main(argv: list[str] | None = None) -> str:
     if training_args.torch_compile:  # logs a fall-back to eager (dynamo's recompile limit) and the graph count
         trainer.add_callback(CompileWatch())
 
-    resume = training_args.resume_from_checkpoint
-    if resume in ("last", "latest", "True", "true", True):
-        resume = get_last_checkpoint(training_args.output_dir)
-        if resume is None:
-            logger.info("no checkpoint to resume in %s: starting from scratch", training_args.output_dir)
-    try:
-        trainer.train(resume_from_checkpoint=resume)
-    except OutputDirInUseError as error:
+    try:  # "last" resolves to the newest complete checkpoint; a named damaged one stops here
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except (OutputDirInUseError, DamagedCheckpointError) as error:
         raise SystemExit(f"pretrain.py: error: {error}") from None
     except FloatingPointError as error:
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        last = resolve_checkpoint("last", training_args.output_dir)
         logger.error("%s Last good checkpoint: %s.", error, last or "none saved yet")
         raise SystemExit(1) from None
     if collator.num_dropped:
         logger.warning("%d undecodable images were skipped on this process.", collator.num_dropped)
+    if trainer.preemption.preempted_at_step is not None:
+        # The checkpoint is written; the final encoder is not (the run is to be resumed, not finished).
+        logger.warning(preemption_message(trainer.preemption))
+        raise SystemExit(EXIT_PREEMPTED)
 
     save_final_model(trainer, config, image_processor, training_args.output_dir)
     trainer.save_state()  # output_dir/trainer_state.json: the whole log history, train_runtime included

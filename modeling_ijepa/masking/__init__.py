@@ -3,23 +3,30 @@
 """Masking strategies for I-JEPA pre-training, selected by name (`config.mask_strategy`, `--mask_strategy`).
 
 Each strategy is a [`MaskSampler`] in its own file (the protocol is documented in `base.py`) and one entry of
-`MASK_STRATEGIES`. Adding a strategy: write `masking/my_rule.py` with a `MaskSampler` subclass, then add
-`"my_rule": MyRuleMaskSampler` below.
+`MASK_STRATEGIES`. Adding a strategy: write `masking/my_rule.py` with a `MaskSampler` subclass whose `strategy` is
+`"my_rule"`, then list the class below. Adding a setting: one field of `MaskSettings` (`masking/settings.py`).
 """
 
 from __future__ import annotations
 
 import difflib
 
-from .base import CONTEXT_PADDING_INDEX, MASK_SETTINGS, MaskSampler, check_mask_ranges, check_mask_settings
+from .base import CONTEXT_PADDING_INDEX, MaskSampler
 from .multiblock import MultiBlockMaskSampler
 from .random_patches import RandomPatchMaskSampler
+from .settings import MaskSettingFields, MaskSettings, mask_setting
 
 
 MASK_STRATEGIES: dict[str, type[MaskSampler]] = {
-    "multiblock": MultiBlockMaskSampler,  # the official I-JEPA rule (default)
-    "random": RandomPatchMaskSampler,
+    sampler.strategy: sampler
+    for sampler in (
+        MultiBlockMaskSampler,  # the official I-JEPA rule (default)
+        RandomPatchMaskSampler,
+    )
 }
+
+# The names of every mask setting (config fields, `pretrain.py` flags, sampler attributes), from their declaration.
+MASK_SETTINGS: tuple[str, ...] = MaskSettings.names()
 
 
 def mask_sampler_class(name: str) -> type[MaskSampler]:
@@ -43,8 +50,9 @@ __all__ = [
     "MaskSampler",
     "MultiBlockMaskSampler",
     "RandomPatchMaskSampler",
-    "check_mask_ranges",
-    "check_mask_settings",
+    "MaskSettingFields",
+    "MaskSettings",
+    "mask_setting",
     "mask_sampler_class",
     "mask_sampler_from_config",
 ]

@@ -5,7 +5,8 @@
 A masking strategy is a [`MaskSampler`] subclass in its own file of this package, registered by name in
 `masking/__init__.py` (`MASK_STRATEGIES`). It implements two methods:
 
-- `from_config(config, seed)`: build the sampler from an [`IJepaConfig`] (its patch grid and mask fields);
+- `strategy`: the name it is registered under (its settings' `mask_strategy`); construction and `from_config`
+  come from the base class, which validates the [`MaskSettings`] on the patch grid;
 - `sample_masks(batch_size, generator)`: draw one batch of masks from `generator` and return
   `context_indices` `(batch_size, num_context)` and `target_indices` `(batch_size, num_target_blocks, num_target)`,
   sorted flattened patch indices (context and targets disjoint unless the strategy allows overlap). A strategy that
@@ -24,23 +25,11 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import default_collate, get_worker_info
 
+from .settings import MaskSettings
+
 
 # Fills the end of a `context_indices` row that is shorter than the batch's longest (full-context batches).
 CONTEXT_PADDING_INDEX = -1
-
-# The `IJepaConfig` fields that choose and set up the masking (the mask flags of `pretrain.py` and a recipe's `mask:`).
-MASK_SETTINGS = (
-    "mask_strategy",
-    "num_target_blocks",
-    "target_scale",
-    "target_aspect_ratio",
-    "context_scale",
-    "context_aspect_ratio",
-    "min_context_patches",
-    "allow_overlap",
-    "mask_placement",
-    "context_truncation",
-)
 
 
 def pair(value: int | Sequence[int]) -> tuple[int, int]:
@@ -52,80 +41,55 @@ def pair(value: int | Sequence[int]) -> tuple[int, int]:
     return int(value), int(value)
 
 
-def check_mask_ranges(
-    num_target_blocks: int,
-    target_scale: Sequence[float],
-    target_aspect_ratio: Sequence[float],
-    context_scale: Sequence[float],
-    context_aspect_ratio: Sequence[float],
-    min_context_patches: int,
-) -> None:
-    """Raise `ValueError`, saying what to change, for mask settings that are invalid on any patch grid."""
-    for name, value in (
-        ("target_scale", target_scale),
-        ("context_scale", context_scale),
-        ("target_aspect_ratio", target_aspect_ratio),
-        ("context_aspect_ratio", context_aspect_ratio),
-    ):
-        if len(value) != 2:
-            raise ValueError(f"{name} must be a (min, max) pair, got {value!r}.")
-        low, high = float(value[0]), float(value[1])
-        if name.endswith("scale") and not 0.0 < low <= high <= 1.0:
-            raise ValueError(
-                f"{name}={[low, high]} is not a valid area range: it must satisfy 0 < min <= max <= 1 "
-                "(fractions of the patch grid)."
-            )
-        if name.endswith("aspect_ratio") and not 0.0 < low <= high:
-            raise ValueError(f"{name}={[low, high]} is not a valid aspect range: it must satisfy 0 < min <= max.")
-    if num_target_blocks < 1:
-        raise ValueError(f"num_target_blocks={num_target_blocks}: I-JEPA needs at least one target block.")
-    if min_context_patches < 0:
-        raise ValueError(f"min_context_patches={min_context_patches} must be >= 0.")
-
-
-def check_mask_settings(
-    grid_size: tuple[int, int],
-    num_target_blocks: int,
-    target_scale: Sequence[float],
-    target_aspect_ratio: Sequence[float],
-    context_scale: Sequence[float],
-    context_aspect_ratio: Sequence[float],
-    min_context_patches: int,
-) -> None:
-    """Raise `ValueError`, saying what to change, for mask settings that can never give a valid mask on this grid."""
-    check_mask_ranges(
-        num_target_blocks, target_scale, target_aspect_ratio, context_scale, context_aspect_ratio, min_context_patches
-    )
-    rows, columns = grid_size
-    num_patches = rows * columns
-    largest_context = int(num_patches * float(context_scale[1]))
-    if min_context_patches >= min(largest_context, num_patches):
-        raise ValueError(
-            f"min_context_patches={min_context_patches} cannot be met on a {rows}x{columns} patch grid whose largest "
-            f"context block has {largest_context} patches: lower min_context_patches or use a larger image / smaller "
-            "patch size."
-        )
-
-
 class MaskSampler:
     """
     Base class of the masking strategies (see the module docstring for the protocol).
 
     Args:
-        grid_size: the patch grid `(rows, columns)`.
+        image_size / patch_size: int or `(height, width)`; the patch grid is `image_size // patch_size`.
+        settings: the [`MaskSettings`] (default: the official ones); `**overrides` replace single settings by name
+            (`MultiBlockMaskSampler(image_size=48, patch_size=4, target_scale=(0.1, 0.2))`).
         seed: masks depend only on `(seed, global batch index)`.
+
+    The settings are validated on the patch grid at construction and kept as `self.settings`, each also as an
+    attribute (`self.target_scale`, ...).
     """
 
-    def __init__(self, grid_size: tuple[int, int], seed: int = 0):
-        self.grid_size = (int(grid_size[0]), int(grid_size[1]))
+    # The name this class is registered under in `MASK_STRATEGIES` (its settings' `mask_strategy`).
+    strategy: str = ""
+
+    def __init__(
+        self,
+        image_size: int | Sequence[int] = 224,
+        patch_size: int | Sequence[int] = 16,
+        settings: MaskSettings | None = None,
+        seed: int = 0,
+        **overrides,
+    ):
+        image_height, image_width = pair(image_size)
+        patch_height, patch_width = pair(patch_size)
+        if image_height % patch_height or image_width % patch_width:
+            raise ValueError(
+                f"image_size {image_size} is not divisible by patch_size {patch_size}: choose an image size that is a "
+                "multiple of the patch size."
+            )
+        self.grid_size = (image_height // patch_height, image_width // patch_width)
+        settings = MaskSettings.with_overrides(settings, **overrides)
+        if self.strategy and settings.mask_strategy != self.strategy:
+            settings = MaskSettings.with_overrides(settings, mask_strategy=self.strategy)
+        settings.check_on_grid(self.grid_size)
+        self.settings = settings
+        # Every setting as an attribute of the sampler, pairs as float tuples.
+        for name, value in settings.as_dict().items():
+            setattr(self, name, tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else value)
         self.seed = int(seed)
         self._start_batch = 0
         self._local_count = 0
 
     @classmethod
     def from_config(cls, config, seed: int = 0) -> MaskSampler:
-        """Build the sampler from an [`IJepaConfig`] (its patch grid and mask fields)."""
-        raise NotImplementedError(f"{cls.__name__} must implement from_config(config, seed).")
+        """Build the sampler from an [`IJepaConfig`] (its patch grid and its mask settings)."""
+        return cls(config.image_size, config.patch_size, settings=MaskSettings.from_object(config), seed=seed)
 
     def sample_masks(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """`context_indices` `(batch_size, num_context)`, `target_indices` `(batch_size, num_blocks, num_target)`."""
@@ -172,4 +136,4 @@ class MaskSampler:
         return batch
 
 
-__all__ = ["CONTEXT_PADDING_INDEX", "MASK_SETTINGS", "MaskSampler", "check_mask_ranges", "check_mask_settings", "pair"]
+__all__ = ["CONTEXT_PADDING_INDEX", "MaskSampler", "pair"]

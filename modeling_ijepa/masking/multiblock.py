@@ -18,33 +18,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
 
 import torch
 
-from .base import CONTEXT_PADDING_INDEX, MaskSampler, check_mask_settings, pair
+from .base import CONTEXT_PADDING_INDEX, MaskSampler
 
 
 # After this many consecutive invalid context draws, one fewer target block constrains the context (official rule).
 _DRAWS_PER_RELAXATION = 20
 _MAX_RELAXATIONS_BEFORE_ERROR = 1000
-
-MASK_PLACEMENTS = ("official", "uniform")
-CONTEXT_TRUNCATIONS = ("first", "random", "none")
-
-
-def check_multiblock_options(mask_placement: str, context_truncation: str) -> None:
-    """Raise `ValueError` naming the accepted values for an unknown block placement or context truncation."""
-    if mask_placement not in MASK_PLACEMENTS:
-        raise ValueError(
-            f"mask_placement={mask_placement!r} is not one of {list(MASK_PLACEMENTS)}: 'official' never places a "
-            "block on the last row or column (the authors' code), 'uniform' places blocks anywhere."
-        )
-    if context_truncation not in CONTEXT_TRUNCATIONS:
-        raise ValueError(
-            f"context_truncation={context_truncation!r} is not one of {list(CONTEXT_TRUNCATIONS)}: 'first' (official) "
-            "and 'random' cut contexts to the batch's shortest, 'none' pads them to the longest."
-        )
 
 
 class MultiBlockMaskSampler(MaskSampler):
@@ -53,16 +35,10 @@ class MultiBlockMaskSampler(MaskSampler):
 
     Args:
         image_size / patch_size: int or `(height, width)`; the patch grid is `image_size // patch_size`.
-        num_target_blocks: target blocks per image (4 in I-JEPA).
-        target_scale / target_aspect_ratio: ranges of a target block's area (fraction of the grid) and height/width.
-        context_scale / context_aspect_ratio: the same for the context block.
-        min_context_patches: a context (and a target block) must keep more patches than this (official `min_keep`).
-        allow_overlap: keep target patches in the context (off in I-JEPA).
-        mask_placement: `"official"` (corners in `[0, rows - height)`, as the authors' code) or `"uniform"` (corners in
-            `[0, rows - height]`: blocks may touch the last row and column).
-        context_truncation: `"first"` (official: every context cut to the batch's shortest, keeping its first patches
-            in row-major order), `"random"` (cut to the same length, keeping a random subset) or `"none"` (every
-            context whole; shorter rows padded at their end with `CONTEXT_PADDING_INDEX`).
+        settings / **overrides: the [`MaskSettings`] (declared, with their defaults and meaning, in
+            `masking/settings.py`): `num_target_blocks`, `target_scale` / `target_aspect_ratio` (ranges of a target
+            block's area as a fraction of the grid and its height/width), `context_scale` / `context_aspect_ratio`,
+            `min_context_patches` (official `min_keep`), `allow_overlap`, `mask_placement` and `context_truncation`.
         seed: masks depend only on `(seed, batch index)`, whatever the number of DataLoader workers.
 
     Calling it on a list of examples (dicts with `pixel_values` `(num_channels, height, width)` and optionally other
@@ -72,68 +48,7 @@ class MultiBlockMaskSampler(MaskSampler):
         - `target_indices`: LongTensor `(batch_size, num_target_blocks, num_target)`, sorted indices of each block.
     """
 
-    def __init__(
-        self,
-        image_size: int | Sequence[int] = 224,
-        patch_size: int | Sequence[int] = 16,
-        num_target_blocks: int = 4,
-        target_scale: Sequence[float] = (0.15, 0.2),
-        target_aspect_ratio: Sequence[float] = (0.75, 1.5),
-        context_scale: Sequence[float] = (0.85, 1.0),
-        context_aspect_ratio: Sequence[float] = (1.0, 1.0),
-        min_context_patches: int = 10,
-        allow_overlap: bool = False,
-        mask_placement: str = "official",
-        context_truncation: str = "first",
-        seed: int = 0,
-    ):
-        image_height, image_width = pair(image_size)
-        patch_height, patch_width = pair(patch_size)
-        if image_height % patch_height or image_width % patch_width:
-            raise ValueError(
-                f"image_size {image_size} is not divisible by patch_size {patch_size}: choose an image size that is a "
-                "multiple of the patch size."
-            )
-        super().__init__((image_height // patch_height, image_width // patch_width), seed)
-        check_mask_settings(
-            self.grid_size,
-            num_target_blocks,
-            target_scale,
-            target_aspect_ratio,
-            context_scale,
-            context_aspect_ratio,
-            min_context_patches,
-        )
-        self.num_target_blocks = int(num_target_blocks)
-        self.target_scale = tuple(float(v) for v in target_scale)
-        self.target_aspect_ratio = tuple(float(v) for v in target_aspect_ratio)
-        self.context_scale = tuple(float(v) for v in context_scale)
-        self.context_aspect_ratio = tuple(float(v) for v in context_aspect_ratio)
-        self.min_context_patches = int(min_context_patches)
-        self.allow_overlap = bool(allow_overlap)
-        check_multiblock_options(mask_placement, context_truncation)
-        self.mask_placement = mask_placement
-        self.context_truncation = context_truncation
-
-    @classmethod
-    def from_config(cls, config, seed: int = 0) -> MultiBlockMaskSampler:
-        """Build the sampler from an [`IJepaConfig`] (or any object with the same attribute names)."""
-        names = (
-            "image_size",
-            "patch_size",
-            "num_target_blocks",
-            "target_scale",
-            "target_aspect_ratio",
-            "context_scale",
-            "context_aspect_ratio",
-            "min_context_patches",
-            "allow_overlap",
-        )
-        options = {
-            "mask_placement": getattr(config, "mask_placement", "official"),
-            "context_truncation": getattr(config, "context_truncation", "first"),
-        }
-        return cls(**{name: getattr(config, name) for name in names}, **options, seed=seed)
+    strategy = "multiblock"
 
     # -- sampling ---------------------------------------------------------------------------------------------------
     def _sample_block_size(
@@ -261,9 +176,4 @@ class MultiBlockMaskSampler(MaskSampler):
         return context_masks
 
 
-__all__ = [
-    "CONTEXT_TRUNCATIONS",
-    "MASK_PLACEMENTS",
-    "MultiBlockMaskSampler",
-    "check_multiblock_options",
-]
+__all__ = ["MultiBlockMaskSampler"]
