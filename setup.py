@@ -28,7 +28,7 @@ setup(
     package_dir={"modeling_ijepa": "modeling_ijepa", "modeling_ijepa._configuration": "configuration"},
     package_data={
         "modeling_ijepa": ["metrics/accuracy/*.py"],
-        "modeling_ijepa._configuration": ["models/*.json", "recipes/*.yaml", "accelerate/*.yaml"],
+        "modeling_ijepa._configuration": ["models/*.json", "recipes/*.yaml", "accelerate/*.yaml", "slurm/*.sbatch"],
     },
     include_package_data=True,
     # torch is deliberately unpinned: GPU users bring their own CUDA build; CI installs the CPU wheel first.

@@ -7,8 +7,8 @@
     python benchmarks/compile_check.py --modes fsdp2 --steps 3
 
 Each distributed mode is one `torchrun --nproc_per_node 2` launch of this file (`--worker`). In it, every process
-trains the toy run of `benchmarks/toy_run.py` (the one tests/test_fsdp.py shards: 2-block width-32 encoder and
-predictor on the 48 px / patch-4 grid, 4 digits per process and step) twice from the same initial weights, with the
+trains the toy run of `modeling_ijepa/testing_utils.py` (the one tests/test_fsdp.py shards: 2-block width-32 encoder
+and predictor on the 48 px / patch-4 grid, 4 digits per process and step) twice from the same initial weights, with the
 same crops and masks: eager, then compiled with inductor (`TrainingArguments(torch_compile=True)`, which accelerate
 applies after DDP wrapping, or after `fully_shard` under FSDP2). FSDP2 is requested the way `accelerate launch
 --use_fsdp --fsdp_version 2` requests it, so the CPU run goes through `IJepaTrainer`'s FSDP2 set-up
@@ -55,7 +55,7 @@ from pathlib import Path
 if not __package__:  # run as a file (also by torchrun): import `benchmarks` from the repository root, as -m does
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from benchmarks.toy_run import (  # noqa: E402
+from modeling_ijepa.testing_utils import (  # noqa: E402
     FSDP2_LAUNCH_ENV,
     WORLD_SIZE,
     build_collator,

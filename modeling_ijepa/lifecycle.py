@@ -7,11 +7,16 @@
 - **Preemption** ([`PreemptionCallback`]): SIGTERM (what SLURM, Kubernetes and spot instances send before they kill a
   job) or SIGUSR1 (what `sbatch --signal=USR1@SECONDS` sends ahead of the time limit) no longer kills the run: the
   optimiser step in flight finishes, every process agrees on that step (one process receiving the signal is enough),
-  a complete checkpoint is written there, and the run stops with exit code [`EXIT_PREEMPTED`]. A second signal
-  during that save ends the process at once; the checkpoint being written then stays a staging folder that no resume
-  picks (see `checkpoints.py`).
+  a complete checkpoint is written there, the main process writes `output_dir/preempted.json` (step, checkpoint,
+  signal, seconds from the signal to the checkpoint), and every process exits with [`EXIT_PREEMPTED`]. Repeated
+  SIGTERM / SIGUSR1 are ignored (launchers such as torchrun forward the signal the scheduler already sent to every
+  process); SIGINT (Ctrl-C) and SIGKILL stop a process at once, and a checkpoint being written then stays a staging
+  folder that no resume picks (see `checkpoints.py`).
 - **Exit codes** of `pretrain.py`: 0 finished, [`EXIT_PREEMPTED`] (75, `EX_TEMPFAIL`: "try again") stopped by a
   signal with a checkpoint to resume from, anything else failed (1 for a training error, 2 for a bad command line).
+  Multi-process launchers (`torchrun`, `accelerate launch --num_processes N`) exit 1 whenever a worker exits non-zero,
+  75 included, so a job script tells a preemption apart by `output_dir/preempted.json`, which only a preempted run
+  leaves (the next start removes it).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ LOCK_FILE_NAME = ".ijepa_run_lock.json"
 
 # Exit code of a run stopped by a preemption signal after writing its checkpoint (sysexits' EX_TEMPFAIL).
 EXIT_PREEMPTED = 75
+# Left in output_dir by a preempted run (removed when the next run starts): what a job script checks to requeue.
+PREEMPTED_FILE_NAME = "preempted.json"
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -103,6 +110,98 @@ def release_output_dir(output_dir: str) -> None:
         os.remove(path)
 
 
+def _gather(value) -> list:
+    """`value` of every process (a list of one without a process group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def _lock_holder(output_dir: str) -> tuple | None:
+    try:
+        with open(os.path.join(output_dir, LOCK_FILE_NAME), encoding="utf-8") as handle:
+            holder = json.load(handle)
+        return holder.get("host"), holder.get("pid")
+    except (FileNotFoundError, json.JSONDecodeError, OSError):
+        return None
+
+
+def start_run(args, resume_from_checkpoint: str | bool | None) -> str | None:
+    """
+    Start a training run into `args.output_dir` on every process; returns the checkpoint to resume (or `None`).
+
+    The main process claims the folder ([`claim_output_dir`]); each node's first process then checks that it sees
+    that claim, i.e. that the nodes share the folder. Nodes with folders of their own (`--output_dir` on local disks)
+    fail here, naming the fix: transformers writes the model weights of a checkpoint on the main process only (also
+    with `--save_on_each_node`), so the other nodes' checkpoints would be incomplete and a resume would fail. The main
+    process then removes the staging folders of killed saves and resolves `resume_from_checkpoint`
+    ([`~modeling_ijepa.checkpoints.resolve_checkpoint`]) for every process.
+
+    Raises:
+        OutputDirInUseError: another live run holds the folder.
+        DamagedCheckpointError: the named checkpoint is damaged.
+        ValueError: the nodes do not share the folder.
+    """
+    from .checkpoints import DamagedCheckpointError, remove_staging_dirs, resolve_checkpoint
+
+    output_dir = args.output_dir
+    refusal = claim_output_dir(output_dir) if args.process_index == 0 else None
+    holder = (socket.gethostname(), os.getpid()) if args.process_index == 0 else None
+    refusal, holder = next(item for item in _gather((refusal, holder)) if item[1] is not None)
+    if refusal is not None:
+        raise OutputDirInUseError(refusal)
+    if args.process_index == 0 and os.path.exists(os.path.join(output_dir, PREEMPTED_FILE_NAME)):
+        os.remove(os.path.join(output_dir, PREEMPTED_FILE_NAME))  # this run resumes (or restarts) the preempted one
+    report = None
+    if args.local_process_index == 0:  # one process per node looks at its folder
+        shared = args.process_index == 0 or _lock_holder(output_dir) == tuple(holder)
+        checkpoint = error = None
+        if shared and args.process_index != 0:
+            pass  # the main process cleans and resolves the shared folder
+        elif shared:
+            removed = remove_staging_dirs(output_dir)
+            if removed:
+                logger.warning("removed unfinished checkpoint saves of an earlier run: %s", ", ".join(removed))
+            try:
+                checkpoint = resolve_checkpoint(resume_from_checkpoint, output_dir)
+            except DamagedCheckpointError as damaged:
+                error = str(damaged)
+        report = (socket.gethostname(), shared, None if checkpoint is None else os.path.basename(checkpoint), error)
+    reports = [item for item in _gather(report) if item is not None]
+    try:
+        unshared = [host for host, shared, _, _ in reports if not shared]
+        if unshared:
+            raise ValueError(
+                f"The nodes do not share output_dir {output_dir}: node(s) {', '.join(map(str, unshared))} do not see "
+                "the main process's claim on it, so checkpoints would be incomplete on every node but the first "
+                "(transformers writes the model weights on the main process only, even with --save_on_each_node) and "
+                "a resume would fail. Put --output_dir on a file system that every node mounts, at the same path."
+            )
+        errors = [error for *_, error in reports if error]
+        if errors:
+            raise DamagedCheckpointError(errors[0])
+    except ValueError:
+        end_run(args)
+        raise
+    name = reports[0][2]  # the main process resolved the shared folder for every node
+    if resume_from_checkpoint not in (None, False) and name is None:
+        logger.info("no complete checkpoint to resume in %s: starting from scratch", output_dir)
+        return None
+    if name is None:
+        return None
+    checkpoint = os.path.join(output_dir, name)
+    logger.info("resuming from %s", checkpoint)
+    return checkpoint
+
+
+def end_run(args) -> None:
+    """Release the main process's claim on `args.output_dir` (see [`start_run`])."""
+    if args.process_index == 0:
+        release_output_dir(args.output_dir)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Preemption
 # ---------------------------------------------------------------------------------------------------------------------
@@ -128,11 +227,8 @@ class PreemptionCallback(TrainerCallback):
 
     # -- handlers ---------------------------------------------------------------------------------------------------
     def _handle(self, signum, frame) -> None:
-        if self.received is not None:  # a second signal: stop now, as without a handler
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        self.received, self.received_at = signum, time.monotonic()
+        if self.received is None:  # repeated signals (e.g. forwarded by the launcher) change nothing
+            self.received, self.received_at = signum, time.monotonic()
 
     def _install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -176,7 +272,19 @@ class PreemptionCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if self.preempted_at_step is not None and self.seconds_to_checkpoint is None:
             self.seconds_to_checkpoint = time.monotonic() - self.received_at
-            self.signal_name = signal.Signals(self.received).name if self.received is not None else "a signal"
+            self.signal_name = signal.Signals(self.received).name if self.received is not None else None
+            if args.process_index == 0:
+                record = {
+                    "step": self.preempted_at_step,
+                    "checkpoint": f"checkpoint-{self.preempted_at_step}",
+                    "signal": self.signal_name or "received by another process",
+                    "seconds_to_checkpoint": round(self.seconds_to_checkpoint, 3),
+                    "exit_code": EXIT_PREEMPTED,
+                }
+                path = os.path.join(args.output_dir, PREEMPTED_FILE_NAME)
+                with open(f"{path}.tmp", "w", encoding="utf-8") as handle:
+                    json.dump(record, handle, indent=1)
+                os.replace(f"{path}.tmp", path)
 
     def on_train_end(self, args, state, control, **kwargs):
         self._restore()
@@ -198,9 +306,12 @@ __all__ = [
     "EXIT_PREEMPTED",
     "LOCK_FILE_NAME",
     "OutputDirInUseError",
+    "PREEMPTED_FILE_NAME",
     "PREEMPTION_SIGNALS",
     "PreemptionCallback",
     "claim_output_dir",
+    "end_run",
     "preemption_message",
     "release_output_dir",
+    "start_run",
 ]

@@ -7,8 +7,6 @@ The encoder's parameter names are those of transformers' built-in `IJepaModel`, 
 this package and vanilla transformers. Its patch/position embedding module is the built-in one.
 """
 
-from __future__ import annotations
-
 import math
 from dataclasses import dataclass
 
@@ -715,7 +713,7 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         super()._freeze_fixed_parameters()
         self.target_encoder.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> IJepaForPreTraining:
+    def train(self, mode: bool = True) -> "IJepaForPreTraining":
         super().train(mode)
         self.target_encoder.eval()  # no dropout on targets, as in the authors' code
         return self
@@ -862,7 +860,7 @@ class IJepaForImageClassification(IJepaPreTrainedModel):
     def forward(
         self,
         pixel_values: torch.Tensor,
-        labels: torch.LongTensor | None = None,
+        labels: torch.Tensor | None = None,
         interpolate_pos_encoding: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> ImageClassifierOutput:

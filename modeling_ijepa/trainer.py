@@ -32,11 +32,11 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback
 
-from .checkpoints import CheckpointingMixin, remove_staging_dirs, resolve_checkpoint
+from .checkpoints import CheckpointingMixin
 from .data import shard_for_process
 from .distributed import DistributedSetupMixin
 from .hardware import require_native_cpu_bf16
-from .lifecycle import OutputDirInUseError, PreemptionCallback, claim_output_dir, release_output_dir
+from .lifecycle import PreemptionCallback, end_run, start_run
 from .modeling_ijepa import IJepaForPreTraining
 from .monitoring import KnnEvaluationMixin, effective_rank
 from .optimization import ijepa_ema_momentum, ijepa_learning_rate, ijepa_optimizer, ijepa_weight_decay
@@ -112,43 +112,17 @@ class IJepaTrainer(CheckpointingMixin, KnnEvaluationMixin, DistributedSetupMixin
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """
-        [`~transformers.Trainer.train`] with `output_dir` claimed for this run while it trains, leftover staging
-        folders of killed saves removed, and `resume_from_checkpoint` resolved by the main process for all of them
-        (`"last"` / `True`: the newest complete checkpoint, or a fresh start when there is none; a path: checked).
-        After a preemption signal it returns at the step of the checkpoint it wrote (`self.preemption`).
+        [`~transformers.Trainer.train`] inside [`~modeling_ijepa.lifecycle.start_run`] / `end_run`: `output_dir`
+        claimed for this run, leftover staging folders of killed saves removed, and `resume_from_checkpoint` resolved
+        the same way on every process (`"last"` / `True`: the newest complete checkpoint, or a fresh start when there
+        is none; a path: checked). After a preemption signal it returns at the step of the checkpoint it wrote
+        (`self.preemption.preempted_at_step`).
         """
-        from accelerate.utils import broadcast_object_list
-
-        output_dir = self.args.output_dir
-        decision = [None, None, None]  # refusal, checkpoint, error
-        if self.args.should_save:
-            decision[0] = claim_output_dir(output_dir)
-            if decision[0] is None:
-                removed = remove_staging_dirs(output_dir)
-                if removed:
-                    logger.warning("removed unfinished checkpoint saves of an earlier run: %s", ", ".join(removed))
-                try:
-                    decision[1] = resolve_checkpoint(resume_from_checkpoint, output_dir)
-                except ValueError as error:
-                    decision[2] = str(error)
-        if self.accelerator.num_processes > 1:
-            broadcast_object_list(decision)
-        refusal, checkpoint, error = decision
-        if refusal is not None:
-            raise OutputDirInUseError(refusal)
+        checkpoint = start_run(self.args, resume_from_checkpoint)
         try:
-            if error is not None:
-                from .checkpoints import DamagedCheckpointError
-
-                raise DamagedCheckpointError(error)
-            if resume_from_checkpoint not in (None, False) and checkpoint is None:
-                logger.info("no complete checkpoint to resume in %s: starting from scratch", output_dir)
-            elif checkpoint is not None:
-                logger.info("resuming from %s", checkpoint)
             return super().train(resume_from_checkpoint=checkpoint, **kwargs)
         finally:
-            if self.args.should_save:
-                release_output_dir(output_dir)
+            end_run(self.args)
 
     def _load_best_model(self) -> None:
         """Not after a preemption: the run is to be resumed, not finished."""

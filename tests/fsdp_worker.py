@@ -27,7 +27,7 @@ import torch
 
 # Run as a file by torchrun: the repository root is on the import path through the PYTHONPATH that tests/test_fsdp.py
 # sets.
-from benchmarks.toy_run import (
+from modeling_ijepa.testing_utils import (
     MAX_STEPS,
     SAVE_STEPS,
     build_collator,

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.toy_run import (
+from modeling_ijepa.distributed import LOCK_FILE_NAME, describe_distributed_mode
+from modeling_ijepa.testing_utils import (
     FSDP2_LAUNCH_ENV,
     MAX_STEPS,
     WORLD_SIZE,
@@ -27,7 +28,6 @@ from benchmarks.toy_run import (
     build_model,
     training_arguments,
 )
-from modeling_ijepa.distributed import LOCK_FILE_NAME, describe_distributed_mode
 from modeling_ijepa.trainer import IJepaTrainer
 
 

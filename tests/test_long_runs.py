@@ -27,7 +27,7 @@ from modeling_ijepa.checkpoints import (
 )
 from modeling_ijepa.cli import reconcile_save_and_eval_steps
 from modeling_ijepa.data import IJepaPretrainingCollator, default_image_processor, load_digits_dataset
-from modeling_ijepa.lifecycle import EXIT_PREEMPTED
+from modeling_ijepa.lifecycle import EXIT_PREEMPTED, PREEMPTED_FILE_NAME
 from modeling_ijepa.masking import MultiBlockMaskSampler
 from modeling_ijepa.trainer import IJepaTrainer, IJepaTrainingArguments
 
@@ -68,13 +68,15 @@ def _trainer(output_dir, streamed: bool = False, callbacks=(), **overrides) -> I
 
 
 class _SignalAt(TrainerCallback):
-    """Send `signum` to this process during optimiser step `step` (before the step ends)."""
+    """Send `signum` to this process during optimiser step `step` (before the step ends), twice: as a launcher that
+    forwards the scheduler's signal would."""
 
     def __init__(self, step: int, signum=signal.SIGTERM):
         self.step, self.signum = step, signum
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step + 1 == self.step:
+            os.kill(os.getpid(), self.signum)
             os.kill(os.getpid(), self.signum)
 
 
@@ -92,17 +94,21 @@ def test_a_signal_checkpoints_the_step_in_flight_and_resume_is_exact(tmp_path, s
     expected = _weights(reference.model)
 
     preempted = _trainer(tmp_path / "run", streamed=streamed, callbacks=[_SignalAt(3, signum)])
+    handler_before = signal.getsignal(signum)
     preempted.train()
     assert preempted.preemption.preempted_at_step == 3 and preempted.state.global_step == 3
     assert preempted.preemption.signal_name == signal.Signals(signum).name
     assert 0 <= preempted.preemption.seconds_to_checkpoint < 60
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.is_dir()) == ["checkpoint-3"]
     check_checkpoint(tmp_path / "run" / "checkpoint-3")
-    assert signal.getsignal(signum) is signal.SIG_DFL  # the handlers are gone once train() returns
+    record = json.loads((tmp_path / "run" / PREEMPTED_FILE_NAME).read_text())
+    assert record["step"] == 3 and record["checkpoint"] == "checkpoint-3" and record["exit_code"] == EXIT_PREEMPTED
+    assert signal.getsignal(signum) == handler_before  # the handlers are gone once train() returns
 
     resumed = _trainer(tmp_path / "run", streamed=streamed)
     resumed.train(resume_from_checkpoint="last")
     assert resumed.preemption.preempted_at_step is None and resumed.state.global_step == 6
+    assert not (tmp_path / "run" / PREEMPTED_FILE_NAME).exists()
     got = _weights(resumed.model)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
@@ -151,6 +157,7 @@ def test_pretrain_script_on_sigterm_writes_a_checkpoint_logs_it_and_exits_with_t
     assert f"checkpoint-{step} written; resume with --resume_from_checkpoint last" in line
     assert 1 <= step < 300
     check_checkpoint(output_dir / f"checkpoint-{step}")
+    assert json.loads((output_dir / PREEMPTED_FILE_NAME).read_text())["step"] == step
     assert not (output_dir / "model.safetensors").exists()  # no final encoder: the run is to be resumed
     assert not (output_dir / ".ijepa_run_lock.json").exists()
 

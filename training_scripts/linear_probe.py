@@ -23,6 +23,14 @@ A pre-trained checkpoint on 1 % of the labels; options from a YAML / JSON recipe
     python training_scripts/linear_probe.py --model_name_or_path outputs/pretrain --label_fraction 0.01
     python training_scripts/linear_probe.py --config probe.yaml --learning_rate 0.05
 
+With `--head attentive`, the head is the attentive probe of the later JEPA papers (V-JEPA): `--attentive_queries`
+learned query tokens cross-attend over the frozen patch tokens of the last layer (or the last `--pooled_layers` layers,
+concatenated per token), then a linear classifier; the patch tokens are computed once (refused above
+`--max_cached_gib`), one head or the same grid trains on them, and the results go to `attentive_probe_results.json`:
+
+    python training_scripts/linear_probe.py --model_name_or_path outputs/pretrain --head attentive \
+        --num_train_epochs 20 --grid_learning_rates 0.003 0.01 0.03 --grid_weight_decays 0 0.01
+
 The papers' protocol: a learning-rate x weight-decay grid chosen on a held-out tenth of the training images, on the
 concatenated average-pooled features of the last 4 layers:
 
@@ -34,6 +42,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import datasets
@@ -49,11 +58,14 @@ from modeling_ijepa.evaluation import (
     check_pooled_layers,
     classification_metrics,
     extract_features,
+    extract_patch_tokens,
     freeze,
     head_accuracies,
     load_encoder,
     save_metrics,
+    search_attentive_heads,
     search_linear_heads,
+    train_attentive_heads,
     train_linear_heads,
 )
 
@@ -102,6 +114,27 @@ class ProbeArguments:
             "the head."
         },
     )
+    head: str = field(
+        default="linear",
+        metadata={
+            "help": "linear: a linear classifier on average-pooled features; attentive: learned query tokens "
+            "cross-attending over the patch tokens, then a linear classifier (V-JEPA's attentive probe; it wants a "
+            "lower --learning_rate than the linear head's 0.1, e.g. 0.01, or a grid).",
+            "choices": ["linear", "attentive"],
+        },
+    )
+    attentive_queries: int = field(default=1, metadata={"help": "Attentive head: number of learned query tokens."})
+    attentive_num_heads: int | None = field(
+        default=None,
+        metadata={"help": "Attentive head: attention heads of the cross-attention (default: the encoder's)."},
+    )
+    attentive_mlp_ratio: float = field(
+        default=4.0, metadata={"help": "Attentive head: MLP hidden size over the token size."}
+    )
+    max_cached_gib: float = field(
+        default=8.0,
+        metadata={"help": "Attentive head: refuse to cache patch tokens larger than this (GiB, float32)."},
+    )
 
     def __post_init__(self) -> None:
         if self.pooled_layers < 1:
@@ -113,6 +146,10 @@ class ProbeArguments:
             )
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(f"--validation_fraction must be in (0, 1), got {self.validation_fraction}.")
+        if self.head not in ("linear", "attentive"):
+            raise ValueError(f"--head must be linear or attentive, got {self.head!r}.")
+        if self.attentive_queries < 1:
+            raise ValueError(f"--attentive_queries must be at least 1, got {self.attentive_queries}.")
 
     @property
     def grid(self) -> bool:
@@ -151,6 +188,13 @@ def parse_args(
         parser.error("the head grid trains on cached features: drop --cache_features false, or train one head.")
     if probe_args.grid and training_args.max_steps > 0:
         parser.error("the head grid trains for --num_train_epochs: drop --max_steps, or train one head.")
+    if probe_args.head == "attentive" and not probe_args.cache_features:
+        parser.error(
+            "the attentive head trains on patch tokens computed once: drop --cache_features false (use "
+            "--max_train_samples or --label_fraction when they do not fit in memory)."
+        )
+    if probe_args.head == "attentive" and training_args.max_steps > 0:
+        parser.error("the attentive head trains for --num_train_epochs: drop --max_steps.")
     return model_args, data_args, probe_args, training_args
 
 
@@ -204,63 +248,83 @@ def single_head_probe(
     )
 
 
-def grid_probe(encoder, image_processor, train_dataset, eval_dataset, names, probe_args, training_args) -> dict:
+def head_settings(encoder, probe_args, training_args) -> dict:
+    """How heads of `--head` train: the loop's settings plus the head's own (batch norm, or the attentive pooler)."""
+    settings = dict(
+        num_epochs=training_args.num_train_epochs,
+        batch_size=training_args.per_device_train_batch_size,
+        warmup_steps=training_args.warmup_steps,
+        lr_scheduler_type=getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type),
+        device=training_args.device,
+    )
+    if probe_args.head == "linear":
+        return {**settings, "batch_norm": probe_args.head_batchnorm}
+    return {
+        **settings,
+        "num_queries": probe_args.attentive_queries,
+        "num_attention_heads": probe_args.attentive_num_heads or encoder.config.num_attention_heads,
+        "mlp_ratio": probe_args.attentive_mlp_ratio,
+    }
+
+
+def cached_head_probe(encoder, image_processor, train_dataset, eval_dataset, names, probe_args, training_args) -> dict:
     """
-    Choose the head's learning rate and weight decay on a validation split of the training features, retrain it on
-    all of them, evaluate it; returns the metrics beyond the data description.
+    The probe on features computed once: average-pooled ones for `--head linear`, patch tokens for `--head attentive`.
+    With a grid, choose the head's learning rate and weight decay on a validation split of the training features;
+    then train the head (with the chosen or the given values) on all of them and evaluate it. Returns the metrics
+    beyond the data description.
     """
     extract = dict(
         batch_size=probe_args.feature_batch_size,
         num_workers=training_args.dataloader_num_workers,
         device=training_args.device,
-        pooled_layers=probe_args.pooled_layers,
     )
-    train_features, train_labels = extract_features(encoder, train_dataset, image_processor, **extract)
-    eval_features, eval_labels = extract_features(encoder, eval_dataset, image_processor, **extract)
-    training = dict(
-        num_epochs=training_args.num_train_epochs,
-        batch_size=training_args.per_device_train_batch_size,
-        warmup_steps=training_args.warmup_steps,
-        lr_scheduler_type=getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type),
-        batch_norm=probe_args.head_batchnorm,
-        device=training_args.device,
-    )
-    search = search_linear_heads(
-        train_features,
-        train_labels,
-        probe_args.grid_learning_rates,
-        probe_args.grid_weight_decays,
-        len(names),
-        validation_fraction=probe_args.validation_fraction,
-        seed=training_args.seed,
-        **training,
-    )
+    if probe_args.head == "linear":
+        extract_fn = partial(extract_features, pooled_layers=probe_args.pooled_layers)
+        train_fn, search_fn = train_linear_heads, search_linear_heads
+    else:
+        max_bytes = int(probe_args.max_cached_gib * 2**30)
+        extract_fn = partial(extract_patch_tokens, layers=probe_args.pooled_layers, max_bytes=max_bytes)
+        train_fn, search_fn = train_attentive_heads, search_attentive_heads
+    train_features, train_labels = extract_fn(encoder, train_dataset, image_processor, **extract)
+    eval_features, eval_labels = extract_fn(encoder, eval_dataset, image_processor, **extract)
+    training = head_settings(encoder, probe_args, training_args)
+    learning_rate, weight_decay, search = training_args.learning_rate, training_args.weight_decay, None
+    if probe_args.grid:
+        search = search_fn(
+            train_features,
+            train_labels,
+            probe_args.grid_learning_rates,
+            probe_args.grid_weight_decays,
+            len(names),
+            validation_fraction=probe_args.validation_fraction,
+            seed=training_args.seed,
+            **training,
+        )
+        learning_rate, weight_decay = search.learning_rate, search.weight_decay
     # The chosen values, retrained on every training image: the held-out part chose them, now it trains too.
-    final = train_linear_heads(
-        train_features,
-        train_labels,
-        [search.learning_rate],
-        [search.weight_decay],
-        len(names),
-        seed=training_args.seed,
-        **training,
+    final = train_fn(
+        train_features, train_labels, [learning_rate], [weight_decay], len(names), seed=training_args.seed, **training
     )
     accuracy, loss = head_accuracies(final, eval_features, eval_labels)
     save_file(final.head(0).state_dict(), str(Path(training_args.output_dir) / "model.safetensors"))
-    print(
-        f"head grid: chose learning rate {search.learning_rate:g}, weight decay {search.weight_decay:g} (validation "
-        f"accuracy {search.validation_accuracy:.4f} on {len(search.validation_indices)} held-out training images, "
-        f"{len(search.grid)} heads); retrained on all {len(train_labels)} training images"
-    )
-    return {
+    metrics = {
         "accuracy": float(accuracy[0]),
         "eval_loss": float(loss[0]),
-        "learning_rate": search.learning_rate,
-        "weight_decay": search.weight_decay,
-        "head_search": search.to_dict(),
+        "learning_rate": learning_rate,
+        "weight_decay": weight_decay,
+        "head": probe_args.head,
         "num_train_samples": len(train_labels),
         "num_eval_samples": len(eval_labels),
     }
+    if search is not None:
+        print(
+            f"head grid: chose learning rate {search.learning_rate:g}, weight decay {search.weight_decay:g} "
+            f"(validation accuracy {search.validation_accuracy:.4f} on {len(search.validation_indices)} held-out "
+            f"training images, {len(search.grid)} heads); retrained on all {len(train_labels)} training images"
+        )
+        metrics["head_search"] = search.to_dict()
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -281,12 +345,11 @@ def main(argv: list[str] | None = None) -> dict:
         model_name_or_path=model_args.model_name_or_path,
         pooled_layers=probe_args.pooled_layers,
     )
-    if probe_args.grid:
+    if probe_args.grid or probe_args.head == "attentive":
         Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
-        metrics = {
-            **grid_probe(encoder, image_processor, train_dataset, eval_dataset, names, probe_args, training_args),
-            **described,
-        }
+        datasets_and_names = (train_dataset, eval_dataset, names)
+        probe = cached_head_probe(encoder, image_processor, *datasets_and_names, probe_args, training_args)
+        metrics = {**probe, **described}
     else:
         metrics = {
             **single_head_probe(
@@ -302,9 +365,9 @@ def main(argv: list[str] | None = None) -> dict:
             ),
             **described,
         }
-    save_metrics(training_args.output_dir, "linear_probe", metrics)
+    save_metrics(training_args.output_dir, f"{probe_args.head}_probe", metrics)
     print(
-        f"linear probe accuracy: {metrics['accuracy']:.4f} ({metrics['num_train_samples']} training / "
+        f"{probe_args.head} probe accuracy: {metrics['accuracy']:.4f} ({metrics['num_train_samples']} training / "
         f"{metrics['num_eval_samples']} evaluation images, {len(names)} classes)"
     )
     return metrics

@@ -4,10 +4,16 @@
 
 - `features.py`: loading an encoder (a checkpoint, a hub id, or `random:<preset>` for a random-init baseline) with its
   image processor, freezing it, and [`extract_features`], the one feature extractor (average-pooled features of the
-  last layer, or of the last `k` layers concatenated);
+  last layer, or of the last `k` layers concatenated), and [`extract_patch_tokens`], the patch tokens themselves;
+- `attentive.py`: the attentive probe (learned queries cross-attending over the frozen patch tokens, then a linear
+  classifier) and its learning-rate x weight-decay grid;
 - `heads.py`: the linear-probe head, a frozen encoder feeding a head, and fine-tuning's standardised head;
 - `linear_grid.py`: a learning-rate x weight-decay grid of linear heads trained together on cached features, chosen
   on a validation split carved from the training data;
+- `counting.py`: an offline counting task (canvases of 1..N digits at random non-overlapping positions) that measures
+  how much local information frozen features keep;
+- `scores.py`: [`frozen_probe_scores`], linear, attentive and k-NN accuracies of one encoder as plain numbers (an
+  evaluator for study runners);
 - `knn.py`: weighted / majority-vote k-nearest-neighbour classification by cosine similarity;
 - `reporting.py`: the offline accuracy metric, the metrics of a run, the results file and the model card.
 
@@ -17,11 +23,22 @@ options and call these functions with plain keyword arguments. Every public name
 `modeling_ijepa.evaluation`.
 """
 
+from .attentive import (
+    AttentiveClassifierHead,
+    AttentiveClassifierOutput,
+    AttentiveHeadGrid,
+    AttentivePooler,
+    search_attentive_heads,
+    train_attentive_heads,
+)
+from .counting import build_counting_dataset, build_counting_splits
 from .features import (
     RANDOM_MODEL_PREFIX,
     check_pooled_layers,
+    encode_patch_tokens,
     encode_pooled,
     extract_features,
+    extract_patch_tokens,
     freeze,
     load_encoder,
     load_image_processor,
@@ -33,7 +50,9 @@ from .knn import knn_accuracy, knn_predict
 from .linear_grid import (
     HeadSearchResult,
     LinearHeadGrid,
+    fit_head_grid,
     head_accuracies,
+    search_head_grid,
     search_linear_heads,
     train_linear_heads,
     validation_split,
@@ -46,6 +65,7 @@ from .reporting import (
     save_metrics,
     write_model_card,
 )
+from .scores import PROBES, attentive_probe_scores, frozen_probe_scores
 
 
 __all__ = [
@@ -56,17 +76,32 @@ __all__ = [
     "freeze",
     "pool_features",
     "check_pooled_layers",
+    "encode_patch_tokens",
     "encode_pooled",
     "extract_features",
+    "extract_patch_tokens",
     "StandardizedLinear",
     "LinearClassifierHead",
     "FrozenEncoderClassifier",
     "LinearHeadGrid",
+    "fit_head_grid",
     "train_linear_heads",
     "head_accuracies",
+    "search_head_grid",
     "validation_split",
     "HeadSearchResult",
     "search_linear_heads",
+    "AttentivePooler",
+    "AttentiveClassifierOutput",
+    "AttentiveClassifierHead",
+    "AttentiveHeadGrid",
+    "train_attentive_heads",
+    "search_attentive_heads",
+    "build_counting_dataset",
+    "build_counting_splits",
+    "PROBES",
+    "frozen_probe_scores",
+    "attentive_probe_scores",
     "knn_predict",
     "knn_accuracy",
     "ACCURACY_METRIC_DIR",

@@ -7,14 +7,16 @@ settings).
 
 - [`validation_split`]: a seeded, class-balanced validation subset of the training examples;
 - [`LinearHeadGrid`]: every head of the grid in one module, each with its own parameters (so its own optimiser group);
-- [`train_linear_heads`]: AdamW + warm-up / cosine schedule over the cached features, all heads in the same loop;
-- [`search_linear_heads`]: train the grid on the training part, score every head on the validation part, choose.
+- [`fit_head_grid`]: AdamW + warm-up / cosine schedule over cached features, all heads of a grid in the same loop
+  (linear heads here, attentive ones in `attentive.py`); [`train_linear_heads`]: that loop on a [`LinearHeadGrid`];
+- [`search_head_grid`]: train a grid on the training part, score every head on the validation part, choose
+  ([`search_linear_heads`] for linear heads).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -134,6 +136,58 @@ def epoch_batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return batches
 
 
+def fit_head_grid(
+    grid: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    learning_rates: Sequence[float],
+    weight_decays: Sequence[float],
+    num_epochs: float = 100.0,
+    batch_size: int = 256,
+    warmup_steps: float = 0.05,
+    lr_scheduler_type: str = "cosine",
+    seed: int = 0,
+) -> nn.Module:
+    """
+    Train every head of `grid` (a [`LinearHeadGrid`], an `AttentiveHeadGrid`, or any module with
+    `parameter_groups(learning_rates, weight_decays)` and `losses(inputs, labels) -> (num_heads,)`) in one loop.
+
+    Every step draws one mini-batch ([`epoch_batches`] of a seeded shuffle per epoch, the same for every head) and
+    steps AdamW on the sum of the heads' losses: heads share no parameter, so each gets exactly the gradient of its own
+    loss and its own group's learning rate and weight decay, and ends as it would if trained alone (see the tests). The
+    learning rate follows `transformers.get_scheduler(lr_scheduler_type)` with `warmup_steps` (a float < 1 is a
+    fraction of the steps); gradients are not clipped (clipping their joint norm would couple the heads).
+
+    Args:
+        grid: the heads, already on the device of `inputs`.
+        inputs: `(num_examples, ...)` cached features (pooled `(num_examples, hidden_size)` or patch tokens
+            `(num_examples, num_patches, hidden_size)`); labels: `(num_examples,)` class indices, same device.
+
+    Returns:
+        `grid`, trained, in eval mode.
+    """
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW(grid.parameter_groups(learning_rates, weight_decays))
+    steps_per_epoch = len(epoch_batches(torch.arange(len(inputs)), batch_size))
+    total_steps = max(1, math.ceil(num_epochs * steps_per_epoch))
+    warmup = int(warmup_steps) if warmup_steps >= 1 else math.ceil(warmup_steps * total_steps)
+    scheduler = get_scheduler(lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    generator = torch.Generator().manual_seed(seed)
+    grid.train()
+    step = 0
+    while step < total_steps:
+        for batch in epoch_batches(torch.randperm(len(inputs), generator=generator).to(inputs.device), batch_size):
+            grid.losses(inputs[batch], labels[batch]).sum().backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step == total_steps:
+                break
+    return grid.eval()
+
+
 def train_linear_heads(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -149,15 +203,9 @@ def train_linear_heads(
     device: torch.device | str | None = None,
 ) -> LinearHeadGrid:
     """
-    Train one linear head per `(learning_rates[i], weight_decays[i])` on cached `features`, all in the same loop.
-
-    Every step draws one mini-batch ([`epoch_batches`] of a seeded shuffle per epoch, the same for every head) and
-    steps AdamW on the sum
-    of the heads' losses: heads share no parameter, so each gets exactly the gradient of its own loss and its own
-    group's learning rate and weight decay, and ends as it would if trained alone (see the tests). The learning rate
-    follows `transformers.get_scheduler(lr_scheduler_type)` with `warmup_steps` (a float < 1 is a fraction of the
-    steps), like the Trainer-based single-head probe; unlike it, gradients are not clipped (clipping their joint norm
-    would couple the heads).
+    Train one linear head per `(learning_rates[i], weight_decays[i])` on cached `features`, all in the same loop
+    ([`fit_head_grid`]: AdamW, the schedule of `transformers.get_scheduler(lr_scheduler_type)` with `warmup_steps`,
+    like the Trainer-based single-head probe, but without gradient clipping).
 
     Args:
         features: `(num_examples, hidden_size)`; labels: `(num_examples,)` class indices.
@@ -167,43 +215,35 @@ def train_linear_heads(
     Returns:
         The trained [`LinearHeadGrid`] in eval mode, on `device` (default: the device of `features`).
     """
-    from transformers import get_scheduler
-
     device = torch.device(device or features.device)
     features, labels = features.to(device, torch.float32), labels.to(device).long()
     grid = LinearHeadGrid(features.size(1), num_labels, len(learning_rates), batch_norm, seed).to(device)
-    optimizer = torch.optim.AdamW(grid.parameter_groups(learning_rates, weight_decays))
-    steps_per_epoch = len(epoch_batches(torch.arange(len(features)), batch_size))
-    total_steps = max(1, math.ceil(num_epochs * steps_per_epoch))
-    warmup = int(warmup_steps) if warmup_steps >= 1 else math.ceil(warmup_steps * total_steps)
-    scheduler = get_scheduler(lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    generator = torch.Generator().manual_seed(seed)
-    grid.train()
-    step = 0
-    while step < total_steps:
-        for batch in epoch_batches(torch.randperm(len(features), generator=generator).to(device), batch_size):
-            grid.losses(features[batch], labels[batch]).sum().backward()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step == total_steps:
-                break
-    return grid.eval()
+    training = dict(num_epochs=num_epochs, batch_size=batch_size, warmup_steps=warmup_steps, seed=seed)
+    return fit_head_grid(
+        grid, features, labels, learning_rates, weight_decays, lr_scheduler_type=lr_scheduler_type, **training
+    )
 
 
 @torch.no_grad()
-def head_accuracies(grid: LinearHeadGrid, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Accuracy in [0, 1] and mean cross-entropy of every head of `grid` on `features`, each `(num_heads,)`."""
+def head_accuracies(
+    grid: nn.Module, features: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024
+) -> tuple[torch.Tensor, ...]:
+    """
+    Accuracy in [0, 1] and mean cross-entropy of every head of `grid` (logits `(batch, num_heads, num_labels)`) on
+    `features` `(num_examples, ...)`, each `(num_heads,)`; evaluated in eval mode, `chunk_size` examples at a time.
+    """
     device = next(grid.parameters()).device
-    features, labels = features.to(device, torch.float32), labels.to(device).long()
     was_training = grid.training
     grid.eval()
-    logits = grid(features)  # (examples, heads, labels)
-    accuracy = (logits.argmax(dim=-1) == labels[:, None]).float().mean(dim=0)
-    loss = grid.losses(features, labels)
+    correct, losses = [], []
+    for chunk, chunk_labels in zip(features.split(chunk_size), labels.split(chunk_size)):
+        chunk, chunk_labels = chunk.to(device, torch.float32), chunk_labels.to(device).long()
+        logits = grid(chunk)  # (examples, heads, labels)
+        correct.append((logits.argmax(dim=-1) == chunk_labels[:, None]).float())
+        targets = chunk_labels[:, None].expand(-1, logits.size(1))
+        losses.append(nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none"))
     grid.train(was_training)
-    return accuracy.cpu(), loss.cpu()
+    return torch.cat(correct).mean(dim=0).cpu(), torch.cat(losses).mean(dim=0).cpu()
 
 
 @dataclass
@@ -229,27 +269,27 @@ class HeadSearchResult:
         }
 
 
-def search_linear_heads(
+def search_head_grid(
+    train_heads: Callable[..., nn.Module],
     features: torch.Tensor,
     labels: torch.Tensor,
     learning_rates: Sequence[float],
     weight_decays: Sequence[float],
-    num_labels: int,
     validation_fraction: float = 0.1,
     seed: int = 0,
-    **training,
 ) -> HeadSearchResult:
     """
-    Choose a linear head's learning rate and weight decay on the training data alone.
+    Choose a head's learning rate and weight decay on the training data alone, for any kind of head.
 
     A [`validation_split`] of `validation_fraction` of the training examples (seeded by `seed`, class-balanced) is
-    held out; one head per point of the `learning_rates x weight_decays` grid trains on the rest
-    ([`train_linear_heads`], with `training` passed on); the head with the best validation accuracy wins, ties going
-    to the lower validation loss, then to the earlier grid point. Only training features enter: the evaluation split
-    plays no part in the choice.
+    held out; `train_heads(features, labels, learning_rates, weight_decays, seed=seed)` trains one head per point of
+    the `learning_rates x weight_decays` grid on the rest and returns the grid of heads; the head with the best
+    validation accuracy ([`head_accuracies`]) wins, ties going to the lower validation loss, then to the earlier grid
+    point. Only training features enter: the evaluation split plays no part in the choice.
 
     Args:
-        features: `(num_train, hidden_size)` training features; labels: `(num_train,)`.
+        train_heads: e.g. [`train_linear_heads`] or `train_attentive_heads` with their other settings bound.
+        features: `(num_train, ...)` training features; labels: `(num_train,)`.
         learning_rates / weight_decays: the values of each axis of the grid (every pair is trained).
 
     Returns:
@@ -266,14 +306,8 @@ def search_linear_heads(
     points = [(float(lr), float(decay)) for lr in learning_rates for decay in weight_decays]
     train_indices, validation_indices = validation_split(labels, validation_fraction, seed)
     train_part, validation_part = torch.from_numpy(train_indices), torch.from_numpy(validation_indices)
-    grid = train_linear_heads(
-        features[train_part],
-        labels[train_part],
-        [lr for lr, _ in points],
-        [decay for _, decay in points],
-        num_labels,
-        seed=seed,
-        **training,
+    grid = train_heads(
+        features[train_part], labels[train_part], [lr for lr, _ in points], [decay for _, decay in points], seed=seed
     )
     accuracy, loss = head_accuracies(grid, features[validation_part], labels[validation_part])
     best = min(range(len(points)), key=lambda index: (-float(accuracy[index]), float(loss[index]), index))
@@ -296,10 +330,35 @@ def search_linear_heads(
     )
 
 
+def search_linear_heads(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    learning_rates: Sequence[float],
+    weight_decays: Sequence[float],
+    num_labels: int,
+    validation_fraction: float = 0.1,
+    seed: int = 0,
+    **training,
+) -> HeadSearchResult:
+    """
+    [`search_head_grid`] over linear heads: [`train_linear_heads`] with `num_labels` and `training` (epochs, batch
+    size, schedule, batch norm, device) trains the grid. `features` `(num_train, hidden_size)`, `labels`
+    `(num_train,)`.
+    """
+
+    def train_heads(*args, seed: int) -> LinearHeadGrid:
+        return train_linear_heads(*args, num_labels, seed=seed, **training)
+
+    return search_head_grid(train_heads, features, labels, learning_rates, weight_decays, validation_fraction, seed)
+
+
 __all__ = [
     "HeadSearchResult",
     "LinearHeadGrid",
+    "epoch_batches",
+    "fit_head_grid",
     "head_accuracies",
+    "search_head_grid",
     "search_linear_heads",
     "train_linear_heads",
     "validation_split",

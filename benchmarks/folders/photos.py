@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """
 Small real-photo image folders, built offline from photographs that installed packages ship, for measuring learning
-on data that is not the digits (`benchmarks/small_folder_check.py`).
+on data that is not the digits (the `small-folders` and `checkpoint-selection` studies of `benchmarks/study.py`).
+A builder of the `benchmarks.folders` registry (`NAMES`, `build`).
 
-    python -m benchmarks.photo_folder --output_dir outputs/photos-shipped                    # 12 classes, 3,600 images
-    python -m benchmarks.photo_folder --photos scikit-image --output_dir outputs/photos-skimage   # 40 classes, 5,000
+    python -m benchmarks.folders shipped outputs/photos-shipped              # 12 classes, 3,600 images
+    python -m benchmarks.folders scikit-image outputs/photos-skimage         # 40 classes, 5,000
 
 Three photo sets; each photo is cut into a 2 x 2 grid of regions and the label is the region, so classes of one photo
 share colours and textures (with the photo as the label, a random network already scores ~97 % on ten photos):
@@ -25,15 +26,13 @@ arguments give the same files.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 
-PHOTO_SETS = ("shipped", "scikit-image", "scikit-image-grey")
+NAMES = ("shipped", "scikit-image", "scikit-image-grey")
 SCIKIT_IMAGE_PHOTOS = (
     "astronaut",
     "coffee",
@@ -67,7 +66,7 @@ def scikit_image_photographs(names: tuple[str, ...] = SCIKIT_IMAGE_PHOTOS) -> di
         import skimage.data
     except ImportError as error:
         raise ImportError(
-            "--photos scikit-image needs scikit-image (`pip install scikit-image`); --photos shipped needs nothing."
+            "The scikit-image photo sets need scikit-image (`pip install scikit-image`); `shipped` needs nothing."
         ) from error
     photos = {}
     for name in names:
@@ -105,9 +104,9 @@ def random_patch(region: np.ndarray, rng: np.random.Generator, image_size: int) 
 IMAGES_PER_CLASS = {"shipped": (250, 50), "scikit-image": (100, 25), "scikit-image-grey": (100, 25)}
 
 
-def write_photo_folder(
+def build(
     output_dir: str | Path,
-    photos: str = "shipped",
+    name: str = "shipped",
     grid: int = 2,
     train_per_class: int | None = None,
     validation_per_class: int | None = None,
@@ -119,15 +118,15 @@ def write_photo_folder(
 
     Args:
         output_dir: created; must not already hold a `train` or `validation` folder (nothing is overwritten).
-        photos: `"shipped"`, `"scikit-image"` or `"scikit-image-grey"` (see the module docstring).
+        name: `"shipped"`, `"scikit-image"` or `"scikit-image-grey"` (see the module docstring).
         grid: regions per side of every photo (a class per region; 1: the photo is the class).
         train_per_class / validation_per_class: images per class in each split (default: `IMAGES_PER_CLASS`).
         image_size: side of the saved images, in pixels.
         seed: seeds the crops.
     """
-    if photos not in PHOTO_SETS:
-        raise ValueError(f"Unknown photo set {photos!r}; choose one of {PHOTO_SETS}.")
-    default_train, default_validation = IMAGES_PER_CLASS[photos]
+    if name not in NAMES:
+        raise ValueError(f"Unknown photo set {name!r}; choose one of {NAMES}.")
+    default_train, default_validation = IMAGES_PER_CLASS[name]
     train_per_class = default_train if train_per_class is None else train_per_class
     validation_per_class = default_validation if validation_per_class is None else validation_per_class
     if train_per_class < 1 or validation_per_class < 1:
@@ -135,10 +134,10 @@ def write_photo_folder(
     root = Path(output_dir)
     for split in ("train", "validation"):
         if (root / split).exists():
-            raise FileExistsError(f"{root / split} exists; pass an empty --output_dir (nothing is overwritten).")
-    if photos == "shipped":
+            raise FileExistsError(f"{root / split} exists; pass an empty folder (nothing is overwritten).")
+    if name == "shipped":
         source = shipped_photographs()
-    elif photos == "scikit-image":
+    elif name == "scikit-image":
         source = scikit_image_photographs(SCIKIT_IMAGE_PHOTOS)
     else:
         source = scikit_image_photographs(SCIKIT_IMAGE_GREY_PHOTOS)
@@ -151,31 +150,3 @@ def write_photo_folder(
             for index in range(count):
                 random_patch(region, rng, image_size).save(folder / f"{index:04d}.jpg", "JPEG", quality=90)
     return root
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--photos", choices=PHOTO_SETS, default="shipped")
-    parser.add_argument("--grid", type=int, default=2, help="Regions per side of every photo (a class per region).")
-    parser.add_argument("--train_per_class", type=int, default=None, help="Default: 250 shipped, 100 otherwise.")
-    parser.add_argument("--validation_per_class", type=int, default=None, help="Default: 50 shipped, 25 otherwise.")
-    parser.add_argument("--image_size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    root = write_photo_folder(
-        args.output_dir,
-        photos=args.photos,
-        grid=args.grid,
-        train_per_class=args.train_per_class,
-        validation_per_class=args.validation_per_class,
-        image_size=args.image_size,
-        seed=args.seed,
-    )
-    classes = sorted(p.name for p in (root / "train").iterdir())
-    print(f"{root}: {len(classes)} classes ({', '.join(classes)}), train/ and validation/")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
