@@ -252,8 +252,8 @@ def steady_state(variants: list[str], steps: int, warmup: int, out: Path, timeou
 
     out.mkdir(parents=True, exist_ok=True)
     print(
-        f"torch {torch.__version__}, 1 process, {steps} steps ({warmup} warm-up), toy run of benchmarks/toy_run.py, "
-        f"output in {out}",
+        f"torch {torch.__version__}, 1 process, {steps} steps ({warmup} warm-up), toy run of "
+        f"modeling_ijepa/testing_utils.py, output in {out}",
         flush=True,
     )
     results = {}
