@@ -20,6 +20,23 @@ The check passes when, on every process, every step's logged loss of the compile
 compiled (the number of context / target tokens changes from batch to batch, so dynamo recompiles for new shapes).
 The compile time depends on inductor's on-disk cache (`TORCHINDUCTOR_CACHE_DIR`): a second run reuses its kernels.
 This is not part of the test suite because of that compilation time. Exit status 0 on PASS, 1 on FAIL.
+
+Steady state of one process (`--steady_state`, default 60 steps): the same toy run trained in a fresh process per
+variant, each with an empty inductor cache, side by side:
+
+    python -m benchmarks.compile_check --steady_state --steps 60
+
+- `eager`: no compilation;
+- `compiled`: `torch_compile=True` on the natural batches (token counts change from batch to batch; torch's default
+  automatic dynamic shapes turn the changing sizes symbolic after the first recompilation);
+- `compiled-static`: the same with static shapes (`ACCELERATE_DYNAMO_USE_DYNAMIC=false`): every new pair of token
+  counts is a new graph until dynamo's recompile limit, after which the model runs eagerly;
+- `compiled-buckets`: static shapes on batches padded to a few token counts (`TokenBuckets`, what
+  `pretrain.py --torch_compile --compile_token_buckets true` does).
+
+For each: graphs compiled, graphs compiled after the warm-up steps, recompile-limit hits (from dynamo's log), the
+median step time after warm-up, the whole training time, and the largest loss difference to eager (the buckets'
+loss is the unpadded loss, so all variants follow the same losses).
 """
 
 from __future__ import annotations
@@ -177,6 +194,116 @@ def _error_summary(log: str, lines: int = 25) -> str:
     return "\n".join(text[-lines:])
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# Steady state: one process, one fresh interpreter per variant
+# ------------------------------------------------------------------------------------------------------------------
+STEADY_VARIANTS = ("eager", "compiled", "compiled-static", "compiled-buckets")
+
+
+def steady_state_worker(variant: str, steps: int, warmup: int, out: Path) -> dict:
+    """Train the toy run for `steps` steps as `variant`; per-step times, losses and dynamo's graph counts."""
+    import torch
+    from transformers import TrainerCallback
+
+    from modeling_ijepa.compile_watch import CompileWatch
+    from modeling_ijepa.data import TokenBuckets
+    from modeling_ijepa.trainer import IJepaTrainer
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if variant in ("compiled-static", "compiled-buckets"):
+        os.environ["ACCELERATE_DYNAMO_USE_DYNAMIC"] = "false"
+    collator = build_collator(0)
+    if variant == "compiled-buckets":
+        collator.token_buckets = TokenBuckets.from_sampler(collator.mask_sampler, batch_size=4)
+    model = build_model()
+    args = training_arguments(out / variant, max_steps=steps, save_strategy="no", torch_compile="compiled" in variant)
+    trainer = IJepaTrainer(model=model, args=args, train_dataset=build_dataset(), data_collator=collator)
+    watch = CompileWatch(warmup_steps=warmup)
+    step_seconds = []
+
+    class _StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            step_seconds.append(time.perf_counter() - self.start)
+
+    trainer.add_callback(watch)
+    trainer.add_callback(_StepTimer())
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    steady = sorted(step_seconds[warmup:]) or [float("nan")]
+    return {
+        "variant": variant,
+        "buckets": repr(collator.token_buckets) if collator.token_buckets else None,
+        "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+        "graphs": watch.graphs,
+        "graphs_after_warmup": watch.graphs_after_warmup,
+        "limit_hits": len(watch.limit_hits),
+        "median_step_ms": 1e3 * steady[len(steady) // 2],
+        "train_seconds": seconds,
+    }
+
+
+def steady_state(variants: list[str], steps: int, warmup: int, out: Path, timeout: float) -> int:
+    """Each variant in a fresh process with an empty inductor cache; prints the side-by-side table."""
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    print(
+        f"torch {torch.__version__}, 1 process, {steps} steps ({warmup} warm-up), toy run of "
+        f"modeling_ijepa/testing_utils.py, output in {out}",
+        flush=True,
+    )
+    results = {}
+    for variant in variants:
+        env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(out / variant / "inductor-cache")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        command = [sys.executable, str(Path(__file__).resolve()), "--steady_state_worker", variant]
+        command += ["--steps", str(steps), "--warmup", str(warmup), "--output_dir", str(out)]
+        start = time.perf_counter()
+        try:
+            done = subprocess.run(
+                command,
+                env=env,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=timeout,
+            )
+            log = done.stdout
+            failed = done.returncode != 0
+        except subprocess.TimeoutExpired as error:
+            log, failed = f"timed out after {timeout:.0f} s\n{error.stdout or ''}", True
+        (out / f"{variant}.log").write_text(log if isinstance(log, str) else log.decode(), encoding="utf-8")
+        result_file = out / f"{variant}.json"
+        if failed or not result_file.exists():
+            print(f"{variant}: FAILED after {time.perf_counter() - start:.0f} s\n{_error_summary(str(log))}")
+            continue
+        results[variant] = json.loads(result_file.read_text())
+        fallback = [line for line in str(log).splitlines() if "fell back to eager" in line]
+        print(f"{variant}: {time.perf_counter() - start:.0f} s" + (f"; {fallback[0]}" if fallback else ""), flush=True)
+    eager = results.get("eager")
+    header = ["variant", "graphs", f"after step {warmup}", "limit hits", "median step ms", "train s", "|loss - eager|"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for variant, r in results.items():
+        difference = "-"
+        if eager is not None and len(eager["losses"]) == len(r["losses"]):
+            difference = f"{max(abs(a - b) for a, b in zip(eager['losses'], r['losses'])):.1e}"
+        cells = [variant, r["graphs"], r["graphs_after_warmup"], r["limit_hits"], f"{r['median_step_ms']:.1f}"]
+        print("| " + " | ".join(str(c) for c in [*cells, f"{r['train_seconds']:.0f}", difference]) + " |")
+    for r in results.values():
+        if r["buckets"]:
+            print(f"{r['variant']}: {r['buckets']}")
+    (out / "steady_state.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    return 0 if len(results) == len(variants) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["ddp", "fsdp2"])
@@ -186,7 +313,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=29561, help="torchrun --master_port of the first launch.")
     parser.add_argument("--timeout", type=float, default=1800, help="Seconds per launch before it counts as failed.")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--steady_state", action="store_true", help="One-process steady state of the variants.")
+    parser.add_argument("--variants", nargs="+", choices=STEADY_VARIANTS, default=list(STEADY_VARIANTS))
+    parser.add_argument("--warmup", type=int, default=10, help="Steady state: steps before the timed ones (10).")
+    parser.add_argument("--steady_state_worker", choices=STEADY_VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.steady_state_worker:
+        out = Path(args.output_dir)
+        result = steady_state_worker(args.steady_state_worker, args.steps, args.warmup, out)
+        (out / f"{args.steady_state_worker}.json").write_text(json.dumps(result), encoding="utf-8")
+        return 0
+    if args.steady_state:
+        out = Path(args.output_dir or tempfile.mkdtemp(prefix="ijepa-compile-steady-"))
+        return steady_state(args.variants, args.steps if args.steps != 5 else 60, args.warmup, out, args.timeout)
     if args.steps < 1:
         parser.error("--steps must be at least 1.")
     if args.worker:

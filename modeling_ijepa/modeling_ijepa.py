@@ -80,7 +80,9 @@ def _check_indices(name: str, indices: torch.Tensor, batch_size: int, num_patche
             "(modeling_ijepa.masking.mask_sampler_from_config)."
         )
     # A range check costs a device sync on accelerators, where an out-of-range gather fails loudly anyway.
-    if indices.device.type == "cpu" and indices.numel() and (indices.min() < 0 or indices.max() >= num_patches):
+    # Skipped under torch.compile, where the data-dependent branch would split the graph.
+    checkable = indices.device.type == "cpu" and not torch.compiler.is_compiling()
+    if checkable and indices.numel() and (indices.min() < 0 or indices.max() >= num_patches):
         padding = (
             f" A {name} row padded with {CONTEXT_PADDING_INDEX} comes from full-context masks: build the model with "
             "context_truncation='none' (or pass context_mask to the encoder)."
@@ -598,6 +600,7 @@ class IJepaPredictor(nn.Module):
         context_indices: torch.LongTensor,
         target_indices: torch.LongTensor,
         context_mask: torch.BoolTensor | None = None,
+        target_mask: torch.BoolTensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -606,6 +609,9 @@ class IJepaPredictor(nn.Module):
             target_indices: `(batch_size, num_target_blocks, num_target)`.
             context_mask: optional boolean `(batch_size, num_context)`, `False` at padding context tokens, which no
                 token attends to.
+            target_mask: optional boolean `(batch_size, num_target_blocks, num_target)`, `False` at padding target
+                tokens (token-count buckets, `modeling_ijepa.data.TokenBuckets`), which no token attends to; their
+                predictions are meaningless.
 
         Returns:
             Predictions `(batch_size, num_target_blocks, num_target, hidden_size)`.
@@ -614,12 +620,17 @@ class IJepaPredictor(nn.Module):
         num_context = context_indices.size(1)
         position_embeddings = self.position_embeddings.expand(batch_size, -1, -1)
         attention_mask = None
-        if context_mask is not None:
+        if context_mask is not None or target_mask is not None:
+            if context_mask is None:
+                context_mask = context_indices.new_ones(context_indices.shape, dtype=torch.bool)
             _check_context_mask(context_mask, context_indices)
             context_indices = context_indices.masked_fill(~context_mask, 0)
-            # Every block's sequence is [context, its mask tokens]: keys are the real context tokens and the targets.
-            token_mask = torch.cat([context_mask, context_mask.new_ones(batch_size, num_target)], dim=1)
-            attention_mask = key_padding_mask(token_mask.unsqueeze(1).expand(-1, num_blocks, -1).flatten(0, 1))
+            if target_mask is None:
+                target_mask = target_indices.new_ones(target_indices.shape, dtype=torch.bool)
+            target_indices = target_indices.masked_fill(~target_mask, 0)
+            # Every block's sequence is [context, its mask tokens]: keys are the real context and target tokens.
+            context_part = context_mask.unsqueeze(1).expand(-1, num_blocks, -1)
+            attention_mask = key_padding_mask(torch.cat([context_part, target_mask], dim=2).flatten(0, 1))
 
         context = self.embeddings(context_hidden_states) + gather_tokens(position_embeddings, context_indices)
         # (batch, blocks, context + target, width) -> (batch * blocks, ...): every block sees its own copy of the
@@ -719,6 +730,8 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         pixel_values: torch.Tensor,
         context_indices: torch.LongTensor,
         target_indices: torch.LongTensor,
+        context_mask: torch.BoolTensor | None = None,
+        target_mask: torch.BoolTensor | None = None,
         return_dict: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> IJepaForPreTrainingOutput | tuple:
@@ -728,6 +741,9 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
             context_indices: `(batch_size, num_context)` flattened patch indices of the context; with
                 `config.context_truncation="none"`, shorter rows end in `CONTEXT_PADDING_INDEX` (-1).
             target_indices: `(batch_size, num_target_blocks, num_target)` flattened patch indices of each target block.
+            context_mask / target_mask: optional booleans shaped like `context_indices` / `target_indices`, `False` at
+                padding (indices there are ignored): batches padded to a few token counts for `torch.compile`
+                (`modeling_ijepa.data.TokenBuckets`). The loss is the unpadded one.
         """
         _check_forward_kwargs(self, kwargs)
         return_dict = self.config.return_dict if return_dict is None else return_dict
@@ -739,10 +755,19 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
             )
         batch_size = pixel_values.size(0)
         num_patches = self.encoder.embeddings.position_embeddings.size(1)
+        if target_mask is not None:
+            if target_mask.dtype != torch.bool or target_mask.shape != target_indices.shape:
+                raise ValueError(
+                    f"target_mask must be a boolean tensor shaped like target_indices {tuple(target_indices.shape)} "
+                    f"(True at real target tokens), got dtype {target_mask.dtype} and shape "
+                    f"{tuple(target_mask.shape)}."
+                )
+            target_indices = target_indices.masked_fill(~target_mask, 0)
         _check_indices("target_indices", target_indices, batch_size, num_patches, ndim=3)
 
         # A static choice of the configuration, so that the official path never pays for (or syncs on) a mask.
-        context_mask = context_indices != CONTEXT_PADDING_INDEX if self.config.context_truncation == "none" else None
+        if context_mask is None and self.config.context_truncation == "none":
+            context_mask = context_indices != CONTEXT_PADDING_INDEX
 
         with torch.no_grad():
             target_output = self.target_encoder(pixel_values).last_hidden_state
@@ -757,12 +782,16 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         context_hidden_state = self.encoder(
             pixel_values, context_indices=context_indices, context_mask=context_mask
         ).last_hidden_state
-        predictions = self.predictor(context_hidden_state, context_indices, target_indices, context_mask)
-        loss = F.smooth_l1_loss(predictions.float(), targets.float())
+        predictions = self.predictor(context_hidden_state, context_indices, target_indices, context_mask, target_mask)
+        if target_mask is None:
+            loss = F.smooth_l1_loss(predictions.float(), targets.float())
+        else:  # the mean over the real target tokens only
+            errors = F.smooth_l1_loss(predictions.float(), targets.float(), reduction="none").sum(dim=-1)
+            loss = (errors * target_mask).sum() / (target_mask.sum() * errors.new_tensor(predictions.size(-1)))
         loss_terms = None
         if self.config.uses_regularizers:
             loss_terms = {PREDICTION_LOSS: loss}
-            features = self._regularized_features(predictions, context_hidden_state, context_mask)
+            features = self._regularized_features(predictions, context_hidden_state, context_mask, target_mask)
             for term in LOSS_TERMS:
                 weight = getattr(self.config, term.weight_field)
                 if weight:
@@ -781,11 +810,15 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
     def _regularized_features(
-        self, predictions: torch.Tensor, context_hidden_state: torch.Tensor, context_mask: torch.Tensor | None
+        self,
+        predictions: torch.Tensor,
+        context_hidden_state: torch.Tensor,
+        context_mask: torch.Tensor | None,
+        target_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The `(num_samples, hidden_size)` features the regularisers act on (`config.regularized_features`)."""
         if self.config.regularized_features == "predictions":
-            return predictions.flatten(0, 2)
+            return predictions.flatten(0, 2) if target_mask is None else predictions[target_mask]
         if self.config.regularized_features == "context":
             return (
                 context_hidden_state[context_mask] if context_mask is not None else context_hidden_state.flatten(0, 1)

@@ -234,6 +234,8 @@ class IJepaTrainer(CheckpointingMixin, KnnEvaluationMixin, DistributedSetupMixin
             pixel_values=self._float_pixel_values(inputs["pixel_values"]),
             context_indices=inputs["context_indices"],
             target_indices=inputs["target_indices"],
+            context_mask=inputs.get("context_mask"),  # set by bucketed batches (TokenBuckets)
+            target_mask=inputs.get("target_mask"),
         )
         loss = outputs.loss
         if not torch.isfinite(loss.detach()):
@@ -245,7 +247,7 @@ class IJepaTrainer(CheckpointingMixin, KnnEvaluationMixin, DistributedSetupMixin
         if self._is_logging_step():
             # Real context tokens per image (padded full-context batches end their rows in -1 indices).
             self._step_metrics["context_tokens"] = float((inputs["context_indices"] >= 0).sum(dim=1).float().mean())
-            self._step_metrics["target_tokens"] = float(inputs["target_indices"][0].numel())
+            self._step_metrics["target_tokens"] = float((inputs["target_indices"][0] >= 0).sum())
             dropped = getattr(self.data_collator, "num_dropped", None)
             if dropped is not None:  # counted in this process (DataLoader workers keep their own counts)
                 self._step_metrics["skipped_images"] = float(dropped)
@@ -253,7 +255,8 @@ class IJepaTrainer(CheckpointingMixin, KnnEvaluationMixin, DistributedSetupMixin
                 self._step_metrics[name] = float(value.detach())
             if self.args.monitor_collapse:
                 with torch.no_grad():
-                    targets = outputs.targets.detach().float().flatten(0, 2)
+                    targets, target_mask = outputs.targets.detach().float(), inputs.get("target_mask")
+                    targets = targets.flatten(0, 2) if target_mask is None else targets[target_mask]  # real tokens
                     self._step_metrics["target_feature_std"] = float(targets.std(dim=0).mean())
                     self._step_metrics["pooled_effective_rank"] = effective_rank(outputs.target_pooler_output.detach())
         return (loss, outputs) if return_outputs else loss

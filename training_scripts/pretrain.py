@@ -34,7 +34,8 @@ from transformers.trainer_utils import IntervalStrategy
 from modeling_ijepa import IJepaConfig, IJepaForPreTraining, IJepaModel
 from modeling_ijepa.checkpoints import DamagedCheckpointError, resolve_checkpoint
 from modeling_ijepa.cli import MaskArguments, RecipeArgumentParser, parse_config_overrides
-from modeling_ijepa.data import IJepaPretrainingCollator, default_image_processor, load_image_dataset
+from modeling_ijepa.compile_watch import CompileWatch
+from modeling_ijepa.data import IJepaPretrainingCollator, TokenBuckets, default_image_processor, load_image_dataset
 from modeling_ijepa.lifecycle import EXIT_PREEMPTED, OutputDirInUseError, preemption_message
 from modeling_ijepa.masking import mask_sampler_from_config
 from modeling_ijepa.monitoring import KnnMonitor, UnlabelledMonitorImagesError, load_knn_monitor_datasets
@@ -84,6 +85,15 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training images."})
     crop_scale_min: float = field(default=0.3, metadata={"help": "RandomResizedCrop smallest area fraction."})
     crop_scale_max: float = field(default=1.0, metadata={"help": "RandomResizedCrop largest area fraction."})
+    compile_token_buckets: bool = field(
+        default=False,
+        metadata={
+            "help": "With --torch_compile: pad each batch's context and target token counts up to a few sizes "
+            "(TokenBuckets; the loss is the unpadded one) and compile static shapes, one graph per bucket. Off by "
+            "default: on CPU, torch's automatic dynamic shapes settled as fast and ran faster (benchmarks/"
+            "compile_check.py --steady_state)."
+        },
+    )
     require_data: bool = field(
         default=False, metadata={"help": "Fail when no data is given instead of using the embedded digits."}
     )
@@ -305,11 +315,17 @@ def main(argv: list[str] | None = None) -> str:
     mask_sampler = mask_sampler_from_config(config, seed=training_args.seed + 1_000_003 * training_args.process_index)
     # Batches leave the DataLoader workers as uint8 (4x less host-to-device traffic); the trainer normalises them on
     # the training device with the collator's `normalize`.
+    token_buckets = None
+    if training_args.torch_compile and data_args.compile_token_buckets:
+        token_buckets = TokenBuckets.from_sampler(mask_sampler, training_args.per_device_train_batch_size)
+        os.environ["ACCELERATE_DYNAMO_USE_DYNAMIC"] = "false"  # one static graph per bucket (read by accelerate)
+        logger.info("torch.compile shape policy: %s, static shapes", token_buckets)
     collator = IJepaPretrainingCollator(
         mask_sampler,
         image_processor,
         crop_scale=(data_args.crop_scale_min, data_args.crop_scale_max),
         output_uint8=True,
+        token_buckets=token_buckets,
     )
     try:
         knn_monitor = build_knn_monitor(data_args, training_args, image_processor, config.image_size)
@@ -328,6 +344,8 @@ def main(argv: list[str] | None = None) -> str:
         )
     except ValueError as error:
         raise SystemExit(f"pretrain.py: error: {error}") from None
+    if training_args.torch_compile:  # logs a fall-back to eager (dynamo's recompile limit) and the graph count
+        trainer.add_callback(CompileWatch())
 
     try:  # "last" resolves to the newest complete checkpoint; a named damaged one stops here
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

@@ -8,6 +8,7 @@
   resize, the default image processor and the pixel normalisation;
 - `collators.py`: the pre-training and image-classification collators, on a shared base that skips and counts
   undecodable images;
+- `token_buckets.py`: the shape policy for `torch.compile` (masks padded to a few token counts);
 - `labelled.py`: labelled training / evaluation splits, class names and class-balanced label subsets for evaluation
   and fine-tuning.
 
@@ -36,6 +37,7 @@ from .sources import (
     load_image_dataset,
     shard_for_process,
 )
+from .token_buckets import TokenBuckets, optimal_edges
 
 
 __all__ = [
@@ -57,6 +59,8 @@ __all__ = [
     "PixelNormalizer",
     "IJepaPretrainingCollator",
     "ImageClassificationCollator",
+    "TokenBuckets",
+    "optimal_edges",
     "load_classification_datasets",
     "class_names",
     "sample_label_fraction",

@@ -19,6 +19,7 @@ from torch.utils.data import default_collate
 
 from ..masking import MaskSampler
 from .images import PixelNormalizer, crop_and_resize, decode_image_array, decode_random_crop
+from .token_buckets import TokenBuckets
 
 
 def _processor_size(image_processor) -> tuple[int, int]:
@@ -89,9 +90,11 @@ class IJepaPretrainingCollator(_SkippingCollator):
         reduced_decode: decode JPEGs at 1/2, 1/4 or 1/8 of their size when the crop keeps at least the output size
             (`decode_random_crop`); `False` always decodes at full size (the crops then match, pixel for pixel,
             those of versions without reduced decoding).
+        token_buckets: pad the masks to a few token counts (`TokenBuckets`), so that `torch.compile` settles on a
+            few graphs; the batch then also holds `context_mask` and `target_mask`. `None` (default): unpadded.
 
     Returns the batch: `pixel_values` `(batch, 3, height, width)` (float32 normalised, or uint8 with
-    `output_uint8`), `context_indices`, `target_indices`.
+    `output_uint8`), `context_indices`, `target_indices` (and the masks with `token_buckets`).
     """
 
     def __init__(
@@ -101,9 +104,11 @@ class IJepaPretrainingCollator(_SkippingCollator):
         crop_scale: Sequence[float] = (0.3, 1.0),
         output_uint8: bool = False,
         reduced_decode: bool = True,
+        token_buckets: TokenBuckets | None = None,
     ):
         super().__init__()
         self.mask_sampler = mask_sampler
+        self.token_buckets = token_buckets
         self.image_processor = image_processor
         self.crop_scale = tuple(crop_scale)
         self.size = _processor_size(image_processor)
@@ -129,6 +134,8 @@ class IJepaPretrainingCollator(_SkippingCollator):
         if not self.output_uint8:
             pixel_values = self.normalize(pixel_values)
         context_indices, target_indices = self.mask_sampler.sample_masks(len(crops), generator)
+        if self.token_buckets is not None:
+            return {"pixel_values": pixel_values, **self.token_buckets.pad(context_indices, target_indices)}
         return {"pixel_values": pixel_values, "context_indices": context_indices, "target_indices": target_indices}
 
 
