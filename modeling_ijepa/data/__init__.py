@@ -8,6 +8,8 @@
   resize, the default image processor and the pixel normalisation;
 - `collators.py`: the pre-training and image-classification collators, on a shared base that skips and counts
   undecodable images;
+- `groups.py`: groups of related images (file-name convention, perceptual hashes) and the grouped reference / query
+  split of the k-NN monitor;
 - `labelled.py`: labelled training / evaluation splits, class names and class-balanced label subsets for evaluation
   and fine-tuning.
 
@@ -15,6 +17,7 @@ Every public name is importable from `modeling_ijepa.data`.
 """
 
 from .collators import IJepaPretrainingCollator, ImageClassificationCollator
+from .groups import GROUP_SEPARATOR, average_hash, group_from_file_name, group_split, hash_groups, image_groups
 from .images import (
     PixelNormalizer,
     crop_and_resize,
@@ -39,6 +42,12 @@ from .sources import (
 
 
 __all__ = [
+    "GROUP_SEPARATOR",
+    "average_hash",
+    "group_from_file_name",
+    "group_split",
+    "hash_groups",
+    "image_groups",
     "DIGITS_TEST_SIZE",
     "IMAGE_COLUMN_CANDIDATES",
     "LABEL_COLUMN_CANDIDATES",
