@@ -17,6 +17,7 @@ training batches or the random state a resumed run restores.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -25,8 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import ImageClassificationCollator, load_image_dataset
+from .data import ImageClassificationCollator, group_split, image_groups, load_image_dataset
 from .evaluation import knn_accuracy
+
+
+logger = logging.getLogger(__name__)
 
 
 # Collapse monitor
@@ -88,6 +92,8 @@ def load_knn_monitor_datasets(
     image_size: int = 48,
     eval_fraction: float = 0.2,
     seed: int = 0,
+    split_by: str = "auto",
+    max_hash_distance: int = 3,
 ):
     """
     The labelled reference (`train`) and query (`eval`) images of a k-NN monitor, columns `image` and `label`.
@@ -96,6 +102,13 @@ def load_knn_monitor_datasets(
     column); `train_dir` alone, split into reference and query by a seeded `eval_fraction` split; neither: the
     embedded digits' training split (1200 images at `image_size`), split the same way. The monitor chooses the saved
     encoder, so it never reads the digits' test split, on which the evaluation scripts report.
+
+    The split of `train_dir` keeps related images on one side (`modeling_ijepa.data.groups`), so that a query never
+    has a near-copy among the references: `split_by="names"` groups by the file-name convention
+    `<group>__<anything>.<ext>`; `"hash"` by 8 x 8 average hashes at most `max_hash_distance` bits apart (within a
+    class); `"random"` is a plain seeded split; `"auto"` (default) is `"names"` when every file name declares a group,
+    else `"random"` (the hash grouping is opt-in: its effect on real folders is not measured yet), and `"random"` on
+    the embedded digits (distinct scans). The split used is logged.
 
     Returns:
         `(train_dataset, eval_dataset)`.
@@ -109,12 +122,37 @@ def load_knn_monitor_datasets(
         if not 0.0 < eval_fraction < 1.0:
             raise ValueError(f"The k-NN monitor's eval_fraction must be in (0, 1), got {eval_fraction}.")
         full = load_image_dataset(train_dir=train_dir, split="train", image_size=image_size)
+        source = train_dir or "the embedded digits"
         if "label" not in full.column_names:
             raise UnlabelledMonitorImagesError(
                 f"{train_dir} has no labels: the k-NN monitor needs one sub-folder per class."
             )
-        split = full.train_test_split(test_size=eval_fraction, seed=seed)
-        train, evaluation = split["train"], split["test"]
+        if split_by == "auto" and not train_dir:
+            split_by = "random"
+        groups, used = image_groups(full, split_by, max_hash_distance)
+        if groups is None:
+            split = full.train_test_split(test_size=eval_fraction, seed=seed)
+            train, evaluation = split["train"], split["test"]
+            logger.info(
+                "k-NN monitor split of %s: random (%s references, %s queries).", source, len(train), len(split["test"])
+            )
+        else:
+            reference, query, summary = group_split(full["label"], groups, eval_fraction, seed)
+            train, evaluation = full.select(reference), full.select(query)
+            logger.info(
+                "k-NN monitor split of %s: by %s groups (%s groups, largest %s images; %s references, %s queries).",
+                source,
+                "file-name" if used == "names" else "perceptual-hash",
+                summary["groups"],
+                summary["largest_group"],
+                len(train),
+                len(evaluation),
+            )
+            if summary["classes_without_queries"]:
+                logger.warning(
+                    "k-NN monitor: classes %s are a single group each, so they have no query images.",
+                    summary["classes_without_queries"],
+                )
     for name, dataset in (("reference", train), ("query", evaluation)):
         if "label" not in dataset.column_names:
             raise ValueError(

@@ -115,6 +115,15 @@ class DataArguments:
     monitor_max_eval_samples: int | None = field(
         default=None, metadata={"help": "Fixed random subset of the monitor's query images."}
     )
+    monitor_split: str = field(
+        default="auto",
+        metadata={
+            "help": "How a monitor folder without --monitor_eval_dir is split into references and queries, related "
+            "images kept on one side: 'names' (file names <group>__<anything>.<ext>), 'hash' (8x8 average-hash "
+            "near-copies), 'random', or 'auto' (names when every file declares a group, else random).",
+            "choices": ["auto", "names", "hash", "random"],
+        },
+    )
     monitor_k: int = field(default=20, metadata={"help": "Neighbours in the monitor's k-NN vote."})
     monitor_temperature: float = field(default=0.07, metadata={"help": "Temperature of the k-NN vote weights."})
 
@@ -197,7 +206,11 @@ def build_knn_monitor(data_args: DataArguments, training_args: IJepaTrainingArgu
         logger.warning("k-NN monitor on the embedded digits; --monitor_train_dir monitors your labelled images.")
     try:
         train, evaluation = load_knn_monitor_datasets(
-            train_dir=train_dir, eval_dir=data_args.monitor_eval_dir, image_size=image_size, seed=training_args.seed
+            train_dir=train_dir,
+            eval_dir=data_args.monitor_eval_dir,
+            image_size=image_size,
+            seed=training_args.seed,
+            split_by=data_args.monitor_split,
         )
     except UnlabelledMonitorImagesError:
         if data_args.monitor_train_dir:  # asked for by name: an error

@@ -4,6 +4,8 @@ Builders of small offline image folders (`train/<class>/`, `validation/<class>/`
 Every module of this package is a builder: it defines `NAME` (one folder) or `NAMES` (several) and a function
 `build(root, ...)` that writes the folder under `root` and returns it (a module with `NAMES` receives the name as
 `build(root, name=NAME)`). A new builder is a new module here; nothing else is edited, the registry finds it.
+A module with `HELD_OUT = True` is a held-out folder: built before any choice was made on it and used for nothing but
+the final check (`held_out()` lists them; the `every-folder` study leaves them to `every-folder-held-out`).
 
     from benchmarks import folders
     folders.names()                              # ('scikit-image', 'scikit-image-grey', 'shipped', ...)
@@ -38,6 +40,11 @@ def builders() -> dict[str, ModuleType]:
 
 def names() -> tuple[str, ...]:
     return tuple(sorted(builders()))
+
+
+def held_out() -> tuple[str, ...]:
+    """The folders whose module says `HELD_OUT = True` (used for nothing but the final check)."""
+    return tuple(sorted(name for name, module in builders().items() if getattr(module, "HELD_OUT", False)))
 
 
 def build(name: str, root: str | Path, **options) -> Path:

@@ -9,6 +9,8 @@
 - `collators.py`: the pre-training and image-classification collators, on a shared base that skips and counts
   undecodable images;
 - `token_buckets.py`: the shape policy for `torch.compile` (masks padded to a few token counts);
+- `groups.py`: groups of related images (file-name convention, perceptual hashes) and the grouped reference / query
+  split of the k-NN monitor;
 - `labelled.py`: labelled training / evaluation splits, class names and class-balanced label subsets for evaluation
   and fine-tuning.
 
@@ -16,6 +18,7 @@ Every public name is importable from `modeling_ijepa.data`.
 """
 
 from .collators import IJepaPretrainingCollator, ImageClassificationCollator
+from .groups import GROUP_SEPARATOR, average_hash, group_from_file_name, group_split, hash_groups, image_groups
 from .images import (
     PixelNormalizer,
     crop_and_resize,
@@ -41,6 +44,12 @@ from .token_buckets import TokenBuckets, optimal_edges
 
 
 __all__ = [
+    "GROUP_SEPARATOR",
+    "average_hash",
+    "group_from_file_name",
+    "group_split",
+    "hash_groups",
+    "image_groups",
     "DIGITS_TEST_SIZE",
     "IMAGE_COLUMN_CANDIDATES",
     "LABEL_COLUMN_CANDIDATES",
