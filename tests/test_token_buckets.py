@@ -118,7 +118,7 @@ def test_buckets_bound_the_number_of_compiled_graphs():
     assert len(buckets.context_edges) <= 3 and len(buckets.target_edges) <= 2
     raw = [
         dict(zip(("context_indices", "target_indices"), sampler.sample_masks(4, sampler.next_generator())))
-        for _ in range(6)
+        for _ in range(4)
     ]
     shapes = {(b["context_indices"].size(1), b["target_indices"].size(2)) for b in raw}
     bucketed = [buckets.pad(b["context_indices"], b["target_indices"]) for b in raw]
