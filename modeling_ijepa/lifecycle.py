@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -296,6 +297,27 @@ class PreemptionCallback(TrainerCallback):
             args.save_total_limit = self._save_total_limit
 
 
+@contextlib.contextmanager
+def signals_deferred(signals=PREEMPTION_SIGNALS):
+    """
+    Hold SIGTERM / SIGUSR1 back while the block runs (e.g. the final save after training), then let them act as they
+    would have (default action or the previous handler): a signal that arrives meanwhile stops the process only once
+    the files are complete. A no-op outside the main thread, where Python cannot install handlers.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: held.append(signum)) for signum in signals}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        for signum in dict.fromkeys(held):
+            signal.raise_signal(signum)
+
+
 def preemption_message(callback: PreemptionCallback) -> str:
     """The one line a preempted run logs."""
     step = callback.preempted_at_step
@@ -319,5 +341,6 @@ __all__ = [
     "end_run",
     "preemption_message",
     "release_output_dir",
+    "signals_deferred",
     "start_run",
 ]

@@ -188,6 +188,21 @@ def test_pretrain_script_on_sigterm_writes_a_checkpoint_logs_it_and_exits_with_t
     assert not (output_dir / ".ijepa_run_lock.json").exists()
 
 
+def test_a_signal_during_the_final_save_acts_only_once_the_files_are_complete(tmp_path):
+    from modeling_ijepa.lifecycle import signals_deferred
+
+    received = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: received.append(signum))
+    try:
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGUSR1)
+            (tmp_path / "final").write_text("complete")
+            assert received == []  # held back while the block writes
+        assert received == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Damaged checkpoints
 # ---------------------------------------------------------------------------------------------------------------------

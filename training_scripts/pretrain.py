@@ -36,7 +36,7 @@ from modeling_ijepa.checkpoints import DamagedCheckpointError, resolve_checkpoin
 from modeling_ijepa.cli import MaskArguments, RecipeArgumentParser, parse_config_overrides
 from modeling_ijepa.compile_watch import CompileWatch
 from modeling_ijepa.data import IJepaPretrainingCollator, TokenBuckets, default_image_processor, load_image_dataset
-from modeling_ijepa.lifecycle import EXIT_PREEMPTED, OutputDirInUseError, preemption_message
+from modeling_ijepa.lifecycle import EXIT_PREEMPTED, OutputDirInUseError, preemption_message, signals_deferred
 from modeling_ijepa.masking import mask_sampler_from_config
 from modeling_ijepa.monitoring import KnnMonitor, UnlabelledMonitorImagesError, load_knn_monitor_datasets
 from modeling_ijepa.output_layout import pretraining_dir, write_output_layout
@@ -375,8 +375,9 @@ def main(argv: list[str] | None = None) -> str:
         logger.warning(preemption_message(trainer.preemption))
         raise SystemExit(EXIT_PREEMPTED)
 
-    save_final_model(trainer, config, image_processor, training_args.output_dir)
-    trainer.save_state()  # output_dir/trainer_state.json: the whole log history, train_runtime included
+    with signals_deferred():  # a SIGTERM now takes effect once the final files are complete
+        save_final_model(trainer, config, image_processor, training_args.output_dir)
+        trainer.save_state()  # output_dir/trainer_state.json: the whole log history, train_runtime included
     if trainer.args.should_save:
         plot = plot_training_curves(
             trainer.state.log_history, os.path.join(training_args.output_dir, "training_curves.png")
