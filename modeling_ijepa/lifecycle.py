@@ -159,9 +159,7 @@ def start_run(args, resume_from_checkpoint: str | bool | None) -> str | None:
     if args.local_process_index == 0:  # one process per node looks at its folder
         shared = args.process_index == 0 or _lock_holder(output_dir) == tuple(holder)
         checkpoint = error = None
-        if shared and args.process_index != 0:
-            pass  # the main process cleans and resolves the shared folder
-        elif shared:
+        if args.process_index == 0:  # cleans and resolves the folder every node shares (the others must see it)
             removed = remove_staging_dirs(output_dir)
             if removed:
                 logger.warning("removed unfinished checkpoint saves of an earlier run: %s", ", ".join(removed))
@@ -187,10 +185,9 @@ def start_run(args, resume_from_checkpoint: str | bool | None) -> str | None:
         end_run(args)
         raise
     name = reports[0][2]  # the main process resolved the shared folder for every node
-    if resume_from_checkpoint not in (None, False) and name is None:
-        logger.info("no complete checkpoint to resume in %s: starting from scratch", output_dir)
-        return None
     if name is None:
+        if resume_from_checkpoint not in (None, False):
+            logger.info("no complete checkpoint to resume in %s: starting from scratch", output_dir)
         return None
     checkpoint = os.path.join(output_dir, name)
     logger.info("resuming from %s", checkpoint)
